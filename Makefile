@@ -1,0 +1,68 @@
+# clipforge: `make run` and `make test` do all their own set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.clipforge-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBS := prometheus prometheus-pushgateway
+RUN_ID ?= demo
+ROOT ?= ./runs
+REGISTRY ?= ghcr.io/clipforge
+TAG ?= latest
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps run test test-fast bench lint pipeline images monitor clean
+
+setup: $(STAMP)
+
+# torch comes first and alone: the pinned CUDA build installs from local disk.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt -e '.[all]'
+	@touch $@
+
+# Debian packages the tests and `make monitor` run for real (Prometheus, Pushgateway, kubectl).
+system-deps:
+	@missing=""; \
+	for pkg in $(DEBS); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	command -v kubectl >/dev/null 2>&1 || missing="$$missing kubernetes-client"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+run: setup
+	$(VENV)/bin/clipforge pipeline run --local --root $(ROOT) --run-id $(RUN_ID)
+
+test: setup system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup system-deps
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench
+
+lint: setup
+	$(VENV)/bin/ruff check stages pipelines tests bench
+	$(VENV)/bin/hadolint docker/*.Dockerfile
+
+pipeline: setup
+	$(VENV)/bin/clipforge pipeline compile --output pipelines/clip_pipeline.yaml
+
+images:
+	@for stage in download train evaluate export; do \
+	  docker build -f docker/$$stage.Dockerfile -t $(REGISTRY)/clipforge-$$stage:$(TAG) . && \
+	  docker push $(REGISTRY)/clipforge-$$stage:$(TAG) || exit 1; \
+	done
+
+monitor: setup system-deps
+	$(PY) -m stages.common.monitor_local --root $(ROOT)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

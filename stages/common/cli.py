@@ -1,0 +1,32 @@
+"""The shape every stage's command shares: parse config, maybe only check it, run, report errors."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence, TypeVar
+
+from stages.common.config import parse_config, print_config
+from stages.common.errors import ClipforgeError
+
+C = TypeVar("C")
+
+
+def stage_main(name: str, config_cls: type[C], run: Callable[[C], object],
+               argv: Sequence[str] | None = None) -> int:
+    """Entry point body for `clipforge <name>` / `python -m stages.<name>`; returns an exit code.
+
+    Errors a user can act on (ClipforgeError) print one clear line, without a traceback.
+    """
+    try:
+        cfg, check_only = parse_config(config_cls, argv, prog=f"clipforge {name}")
+        if check_only:
+            print_config(cfg)
+            return 0
+        result = run(cfg)
+        return result if isinstance(result, int) else 0
+    except ClipforgeError as exc:
+        print(f"clipforge {name}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"clipforge {name}: interrupted", file=sys.stderr)
+        return 130
