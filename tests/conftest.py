@@ -85,6 +85,10 @@ class FlakyProxy:
     def down(self) -> None:
         with self._lock:
             if self._listener is not None:
+                try:  # wakes the accept() blocked in the proxy thread; close alone does not
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 self._listener.close()
                 self._listener = None
             for conn in self._conns:
