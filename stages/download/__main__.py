@@ -1,0 +1,5 @@
+import sys
+
+from stages.download.cli import main
+
+sys.exit(main())
