@@ -1,0 +1,1 @@
+"""The evaluate stage: zero-shot classification and retrieval of a checkpoint on eval sets in any store."""

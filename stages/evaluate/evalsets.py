@@ -1,0 +1,122 @@
+"""Eval sets in CLIP_benchmark's `wds` layout, and the download stage's val split, from any store.
+
+Everything here is checked before a model is built: a bad eval set fails in seconds, naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from stages.common import storage
+from stages.common.errors import DataError
+
+CLASSIFICATION = "zeroshot_classification"
+RETRIEVAL = "zeroshot_retrieval"
+IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
+
+
+@dataclasses.dataclass
+class EvalSet:
+    name: str
+    uri: str
+    task: str
+    shards: list[str]
+    classnames: list[str] = dataclasses.field(default_factory=list)
+    templates: list[str] = dataclasses.field(default_factory=list)
+    samples: int | None = None  # when known up front (the manifest says)
+
+
+def open_eval_set(name: str, uri: str) -> EvalSet:
+    """Read and check a CLIP_benchmark wds folder: dataset type, class names, templates, shards."""
+    uri = uri.rstrip("/")
+    task = _dataset_type(uri)
+    shards = _test_shards(uri)
+    if task == RETRIEVAL:
+        return EvalSet(name, uri, task, shards)
+    classnames = _classnames(storage.join(uri, "classnames.txt"))
+    templates = _templates(storage.join(uri, "zeroshot_classification_templates.txt"))
+    return EvalSet(name, uri, task, shards, classnames, templates)
+
+
+def open_val_split(uri: str) -> EvalSet:
+    """The val split of a download manifest (given as manifest.json, its data/ folder or the run)."""
+    manifest_uri = _find_manifest(uri)
+    manifest = storage.read_json(manifest_uri)
+    val = (manifest.get("splits") or {}).get("val") if isinstance(manifest, dict) else None
+    if not val or not val.get("shards"):
+        raise DataError(f"{manifest_uri}: the manifest has no val split with shards "
+                        "(splits.val.shards); download with a val proportion > 0")
+    return EvalSet("val", manifest_uri, RETRIEVAL, list(val["shards"]), samples=val.get("samples"))
+
+
+def _find_manifest(uri: str) -> str:
+    uri = uri.rstrip("/")
+    for candidate in (uri, storage.join(uri, "manifest.json"), storage.join(uri, "data", "manifest.json")):
+        if candidate.endswith(".json") and storage.exists(candidate):
+            return candidate
+    raise DataError(f"--val-data {uri}: no manifest.json there (give the manifest, its data/ folder "
+                    "or the run folder)")
+
+
+def _dataset_type(uri: str) -> str:
+    type_uri = storage.join(uri, "dataset_type.txt")
+    if not storage.exists(type_uri):
+        return CLASSIFICATION
+    kind = storage.read_text(type_uri).strip().lower()
+    if kind == "retrieval":
+        return RETRIEVAL
+    if kind in ("", "classification", "zeroshot_classification"):
+        return CLASSIFICATION
+    raise DataError(f"{type_uri}: unknown dataset type {kind!r} (expected 'retrieval' or 'classification')")
+
+
+def _test_shards(uri: str) -> list[str]:
+    test = storage.join(uri, "test")
+    nshards_uri = storage.join(test, "nshards.txt")
+    present = {u.rsplit("/", 1)[-1]: u for u in storage.listdir(test) if u.endswith(".tar")}
+    if storage.exists(nshards_uri):
+        text = storage.read_text(nshards_uri).strip()
+        if not text.isdigit() or int(text) == 0:
+            raise DataError(f"{nshards_uri}: expected a positive shard count, found {text!r}")
+        wanted = [f"{i}.tar" for i in range(int(text))]
+        missing = [n for n in wanted if n not in present]
+        if missing:
+            raise DataError(f"{nshards_uri} says {text} shards but {test}/ lacks {missing[:5]}")
+        return [present[n] for n in wanted]
+    if not present:
+        raise DataError(f"{test}/: no shards (expected nshards.txt and 0.tar, 1.tar, ... "
+                        "in CLIP_benchmark's wds layout)")
+    return [present[n] for n in sorted(present, key=_shard_order)]
+
+
+def _shard_order(name: str) -> tuple[int, str]:
+    m = re.match(r"(\d+)\.tar$", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def _classnames(uri: str) -> list[str]:
+    if not storage.exists(uri):
+        raise DataError(f"{uri}: missing; a classification eval set needs one class name per line "
+                        "(or dataset_type.txt saying 'retrieval')")
+    names = [line.strip() for line in storage.read_text(uri).splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise DataError(f"{uri}: empty; expected one class name per line")
+    return names
+
+
+def _templates(uri: str) -> list[str]:
+    if not storage.exists(uri):
+        raise DataError(f"{uri}: missing; expected one prompt template per line, each with {{c}}")
+    templates = []
+    for number, line in enumerate(storage.read_text(uri).splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if "{c}" not in line:
+            raise DataError(f"{uri} line {number}: template {line!r} has no {{c}} for the class name")
+        templates.append(line)
+    if not templates:
+        raise DataError(f"{uri}: empty; expected one prompt template per line, each with {{c}}")
+    return templates

@@ -1,0 +1,88 @@
+"""Encode an eval set's images and texts on this rank, checking each batch before the model sees it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import torch
+
+from stages.common.errors import DataError
+from stages.common.logs import progress
+from stages.evaluate import shards
+from stages.evaluate.distributed import Dist
+from stages.evaluate.evalsets import EvalSet
+from stages.evaluate.model import LoadedModel
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """AMP on GPU as open_clip_train's --precision; the CPU runs fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _check_images(batch: dict, evalset: EvalSet) -> torch.Tensor:
+    images = batch["image"]
+    if isinstance(images, list):
+        key, url = next((k, u) for k, u, i in zip(batch["key"], batch["url"], images, strict=True) if i is None)
+        raise DataError(f"{url}: sample {key!r} has no image (.webp/.png/.jpg) in eval set {evalset.name}")
+    return images
+
+
+def _check_labels(batch: dict, evalset: EvalSet) -> torch.Tensor:
+    n = len(evalset.classnames)
+    for key, url, label in zip(batch["key"], batch["url"], batch["label"], strict=True):
+        if not isinstance(label, int) or not 0 <= label < n:
+            raise DataError(f"{url}: sample {key!r} has label {label!r}, outside 0..{n - 1} "
+                            f"({n} classes in {evalset.uri}/classnames.txt)")
+    return torch.tensor(batch["label"], dtype=torch.long)
+
+
+def _batches(evalset: EvalSet, loaded: LoadedModel, batch_size: int, workers: int, ctx: Dist,
+             log: logging.Logger):
+    data = shards.loader(evalset, loaded.preprocess, batch_size, workers, ctx.rank, ctx.world)
+    total = -(-evalset.samples // (batch_size * ctx.world)) if evalset.samples else None
+    return progress(data, total, f"{evalset.name} batches", log)
+
+
+@torch.no_grad()
+def encode_classification(evalset: EvalSet, loaded: LoadedModel, device: torch.device, amp: Callable,
+                          batch_size: int, workers: int, ctx: Dist, log: logging.Logger):
+    """(normalised image features, labels) of this rank's samples, on the CPU in fp32."""
+    feats, labels = [], []
+    for batch in _batches(evalset, loaded, batch_size, workers, ctx, log):
+        images = _check_images(batch, evalset)
+        labels.append(_check_labels(batch, evalset))
+        with amp():
+            feats.append(loaded.model.encode_image(images.to(device), normalize=True).float().cpu())
+    return _cat(feats), _cat(labels)
+
+
+@torch.no_grad()
+def encode_retrieval(evalset: EvalSet, loaded: LoadedModel, device: torch.device, amp: Callable,
+                     batch_size: int, workers: int, ctx: Dist, log: logging.Logger):
+    """(image features, caption features, image index of each caption) of this rank's samples."""
+    image_feats, text_feats, owners = [], [], []
+    seen = 0
+    for batch in _batches(evalset, loaded, batch_size, workers, ctx, log):
+        images = _check_images(batch, evalset)
+        texts = []
+        for i, (key, url, captions) in enumerate(zip(batch["key"], batch["url"], batch["captions"], strict=True)):
+            if not captions:
+                raise DataError(f"{url}: sample {key!r} has no caption (.txt) in eval set {evalset.name}")
+            texts += captions
+            owners += [seen + i] * len(captions)
+        seen += len(images)
+        with amp():
+            image_feats.append(loaded.model.encode_image(images.to(device), normalize=True).float().cpu())
+            tokens = loaded.tokenizer(texts).to(device)
+            text_feats.append(loaded.model.encode_text(tokens, normalize=True).float().cpu())
+    return _cat(image_feats), _cat(text_feats), torch.tensor(owners, dtype=torch.long)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor, or None when this rank got no samples (its part is then skipped when combining)."""
+    return torch.cat(parts) if parts else None

@@ -1,0 +1,61 @@
+"""The evaluate stage: check every input, load the model, evaluate each set, report."""
+
+from __future__ import annotations
+
+import time
+
+from stages.common import config as config_mod
+from stages.common import runinfo
+from stages.common.logs import setup_logging
+from stages.evaluate import distributed, report
+from stages.evaluate.config import EvaluateConfig
+from stages.evaluate.evalsets import EvalSet, open_eval_set, open_val_split
+from stages.evaluate.evaluation import evaluate_set
+from stages.evaluate.model import load_model
+
+
+def open_inputs(cfg: EvaluateConfig) -> list[EvalSet]:
+    """Every eval set, checked (class names, templates, shards) before any model is built."""
+    sets = [open_eval_set(name, uri) for name, uri in cfg.eval_specs()]
+    if cfg.val_data:
+        sets.append(open_val_split(cfg.val_data))
+    return sets
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    started = time.time()
+    ctx, device = distributed.init(cfg.device)
+    log = setup_logging("evaluate", cfg.run_id, ctx.rank, cfg.log_level)
+    metrics = report.EvalMetrics(cfg.run_id)
+    if ctx.is_main:
+        metrics.stage.serve(cfg.metrics_port, cfg.metrics_addr)
+    try:
+        evalsets = open_inputs(cfg)
+        loaded = load_model(cfg.checkpoint_uri, device)
+        log.info("model %s from %s (step %s) on %s, %d rank(s)", loaded.name, loaded.checkpoint,
+                 loaded.step, device, ctx.world)
+        results = {es.name: evaluate_set(es, loaded, device, cfg, ctx, log) for es in evalsets}
+        model_info = {"name": loaded.name, "checkpoint": loaded.checkpoint, "step": loaded.step}
+        document = report.results_document(results, model_info)
+        if ctx.is_main:
+            _publish(cfg, document, metrics, started)
+        distributed.barrier(ctx)
+        return document
+    finally:
+        metrics.stage.stop()
+        distributed.shutdown(ctx)
+
+
+def _publish(cfg: EvaluateConfig, document: dict, metrics: report.EvalMetrics, started: float) -> None:
+    report.write_results(cfg.results_uri, document)
+    print(report.table(document), flush=True)
+    print(f"results: {cfg.results_uri}", flush=True)
+    runinfo.record_stage(
+        cfg.run_dir, "evaluate", config=config_mod.to_dict(cfg),
+        inputs={"checkpoint": document["model"]["checkpoint"],
+                "eval_data": {n: d["uri"] for n, d in document["datasets"].items()}},
+        outputs={"results": cfg.results_uri}, started=started,
+        packages=("torch", "open_clip_torch", "webdataset"))
+    metrics.record(document)
+    metrics.stage.mark_success()
+    metrics.stage.push(cfg.pushgateway)
