@@ -1,0 +1,40 @@
+"""AdamW with open_clip_train's parameter groups, and open_clip_train's LR schedules."""
+
+from __future__ import annotations
+
+import torch
+from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
+
+from stages.train.config import TrainConfig
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Gains, biases, norms, logit scale and 1-d embeddings get no weight decay (as open_clip_train)."""
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def create_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay_free = [p for n, p in named if no_weight_decay(n, p)]
+    rest = [p for n, p in named if not no_weight_decay(n, p)]
+    return torch.optim.AdamW(
+        [{"params": decay_free, "weight_decay": 0.0}, {"params": rest, "weight_decay": cfg.wd}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int,
+                     steps_per_epoch: int):
+    """A function step -> lr that also sets the optimizer's LR; a pure function of the step."""
+    if cfg.lr_scheduler == "cosine":
+        return cosine_lr(optimizer, cfg.lr, cfg.warmup, total_steps)
+    if cfg.lr_scheduler == "const":
+        return const_lr(optimizer, cfg.lr, cfg.warmup, total_steps)
+    cooldown_steps = int(steps_per_epoch * cfg.epochs_cooldown)
+    return const_lr_cooldown(optimizer, cfg.lr, cfg.warmup, total_steps, cooldown_steps,
+                             cfg.lr_cooldown_power, cfg.lr_cooldown_end)
+
+
+def scheduler_state(cfg: TrainConfig, total_steps: int, steps_per_epoch: int, step: int) -> dict:
+    """What defines the schedule, saved with a checkpoint (the schedule itself is stateless)."""
+    return {"name": cfg.lr_scheduler, "base_lr": cfg.lr, "warmup": cfg.warmup,
+            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "step": step}
