@@ -1,0 +1,5 @@
+import sys
+
+from stages.export.cli import main
+
+sys.exit(main())

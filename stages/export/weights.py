@@ -1,0 +1,64 @@
+"""A checkpoint's model, checked against its config, as the files of open_clip's Hub layout."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from stages.common import checkpoints, models
+from stages.common.errors import DataError
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_checkpoint_model(uri: str) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """(model with the checkpoint's weights, the checkpoint, its open_clip model config)."""
+    import open_clip
+
+    ckpt = checkpoints.load(uri)
+    path, name, model_cfg = ckpt["uri"], ckpt.get("model_name") or "", ckpt.get("model_cfg")
+    if isinstance(model_cfg, dict):
+        name = name or "clipforge-checkpoint"
+        models.register_config(name, model_cfg)
+    else:
+        models.register_builtin_configs()
+        model_cfg = open_clip.get_model_config(name) if name else None
+        if model_cfg is None:
+            raise DataError(f"{path}: the checkpoint names no usable model (model_name={name!r}, no "
+                            "model_cfg); it is not a clipforge checkpoint")
+    model = open_clip.create_model(name, force_preprocess_cfg=ckpt.get("preprocess_cfg") or {})
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise DataError(f"{path}: its weights do not fit model {name!r}: {exc}") from exc
+    return model.eval(), ckpt, model_cfg
+
+
+def hub_config(model: torch.nn.Module, model_cfg: dict[str, Any], ckpt: dict[str, Any]) -> dict[str, Any]:
+    """open_clip_config.json: what `local-dir:`/`hf-hub:` loading reads, plus where it came from."""
+    return {"model_cfg": model_cfg,
+            "preprocess_cfg": dict(model.visual.preprocess_cfg),
+            "clipforge": {"model_name": ckpt.get("model_name") or "", "step": ckpt.get("step"),
+                          "checkpoint": ckpt["uri"]}}
+
+
+def cast_state_dict(model: torch.nn.Module, dtype: str) -> dict[str, torch.Tensor]:
+    """Weights only: floating-point tensors in `dtype`, others as they are; contiguous for safetensors."""
+    target = TORCH_DTYPES[dtype]
+    return {k: (v.to(target) if v.is_floating_point() else v).contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def write_layout(folder: str, model: torch.nn.Module, model_cfg: dict[str, Any], ckpt: dict[str, Any],
+                 dtype: str) -> None:
+    from safetensors.torch import save_file
+
+    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+        json.dump(hub_config(model, model_cfg, ckpt), f, indent=2)
+    save_file(cast_state_dict(model, dtype), os.path.join(folder, WEIGHTS_NAME),
+              metadata={"format": "pt", "dtype": dtype})
