@@ -1,0 +1,53 @@
+"""Namespace-wide objects of `k8s/base`: RBAC for the launcher, the S3 Secret template and ConfigMap."""
+
+from __future__ import annotations
+
+from kubernetes import client as k8s
+
+from pipelines import podspec
+
+LAUNCHER_SA = "clipforge-launcher"
+_LABELS = {"app.kubernetes.io/name": "clipforge"}
+
+
+def _meta(name: str, namespace: str) -> k8s.V1ObjectMeta:
+    return k8s.V1ObjectMeta(name=name, namespace=namespace, labels=dict(_LABELS))
+
+
+def namespace(name: str) -> k8s.V1Namespace:
+    return k8s.V1Namespace(api_version="v1", kind="Namespace",
+                           metadata=k8s.V1ObjectMeta(name=name, labels=dict(_LABELS)))
+
+
+def launcher_rbac(ns: str) -> list:
+    """What the pipeline's train step needs: manage PyTorchJobs, read their pods and logs."""
+    rules = [
+        k8s.V1PolicyRule(api_groups=["kubeflow.org"], resources=["pytorchjobs"],
+                         verbs=["create", "get", "list", "watch", "delete", "patch"]),
+        k8s.V1PolicyRule(api_groups=["kubeflow.org"], resources=["pytorchjobs/status"], verbs=["get"]),
+        k8s.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["get", "list", "watch"]),
+        k8s.V1PolicyRule(api_groups=[""], resources=["pods/log"], verbs=["get"]),
+        k8s.V1PolicyRule(api_groups=[""], resources=["events"], verbs=["get", "list", "watch"]),
+    ]
+    return [
+        k8s.V1ServiceAccount(api_version="v1", kind="ServiceAccount", metadata=_meta(LAUNCHER_SA, ns)),
+        k8s.V1Role(api_version="rbac.authorization.k8s.io/v1", kind="Role",
+                   metadata=_meta(LAUNCHER_SA, ns), rules=rules),
+        k8s.V1RoleBinding(
+            api_version="rbac.authorization.k8s.io/v1", kind="RoleBinding", metadata=_meta(LAUNCHER_SA, ns),
+            role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=LAUNCHER_SA),
+            subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=LAUNCHER_SA, namespace=ns)]),
+    ]
+
+
+def s3_settings(ns: str) -> list:
+    """A Secret template (fill in, never commit values) and the endpoint ConfigMap."""
+    secret = k8s.V1Secret(
+        api_version="v1", kind="Secret", type="Opaque", metadata=_meta(podspec.S3_SECRET, ns),
+        string_data={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""})
+    config = k8s.V1ConfigMap(
+        api_version="v1", kind="ConfigMap", metadata=_meta(podspec.S3_CONFIG_MAP, ns),
+        data={"AWS_ENDPOINT_URL": "http://minio.minio.svc.cluster.local:9000",
+              "AWS_DEFAULT_REGION": "us-east-1",
+              "PUSHGATEWAY_URL": "http://pushgateway.monitoring.svc.cluster.local:9091"})
+    return [secret, config]

@@ -1,0 +1,128 @@
+"""Run the train stage: as a PyTorchJob on the cluster, or as torchrun on this machine.
+
+Unlike Kubeflow's stock launcher component, which passes its job timeout as the per-request
+timeout and so stops waiting after 600 s, this waits for the job's real deadline, streams the
+master's logs while it runs, and fails with the operator's reason.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+
+from pipelines.pytorchjob import TrainJob, build_pytorchjob
+
+CLEANUP_POLICIES = ("always", "on-success", "never")
+DEADLINE_SLACK_S = 300  # lets the operator report DeadlineExceeded itself before we give up
+
+
+class TrainJobFailed(RuntimeError):
+    """The PyTorchJob failed, or did not finish by its deadline; the message says why."""
+
+
+def wait_seconds(job: TrainJob) -> int:
+    return job.active_deadline_s + DEADLINE_SLACK_S
+
+
+def failure_reason(job_obj) -> str:
+    """'Reason: message' of the job's Failed condition, or '' when it did not fail."""
+    for cond in (job_obj.status.conditions or []) if job_obj.status else []:
+        if cond.type == "Failed" and cond.status == "True":
+            return f"{cond.reason or 'Failed'}: {cond.message or 'no message'}"
+    return ""
+
+
+def _log_target(job: TrainJob) -> dict:
+    """Static jobs have a Master pod; elastic ones only Workers, whose index 0 hosts the rendezvous."""
+    if job.elastic:
+        return {"is_master": False, "replica_type": "worker", "replica_index": 0}
+    return {"is_master": True}
+
+
+class _LogStreamer:
+    """Follows the master's log from the first poll that sees it running; the SDK prints each line."""
+
+    def __init__(self, client, job: TrainJob):
+        self.client, self.job, self.thread = client, job, None
+
+    def __call__(self, job_obj) -> None:
+        if self.thread is not None or not _is_running(job_obj):
+            return
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+
+    def _follow(self) -> None:
+        try:
+            self.client.get_job_logs(self.job.name, namespace=self.job.namespace, follow=True,
+                                     **_log_target(self.job))
+        except Exception as exc:  # logs are a convenience; the job's outcome decides the step
+            print(f"clipforge launcher: log stream ended: {exc}", file=sys.stderr)
+
+    def finish(self) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+            return
+        try:  # finished between two polls: print what the master wrote
+            logs, _ = self.client.get_job_logs(self.job.name, namespace=self.job.namespace,
+                                               **_log_target(self.job))
+            for pod, text in logs.items():
+                for line in text.splitlines():
+                    print(f"[Pod {pod}]: {line}")
+        except Exception as exc:
+            print(f"clipforge launcher: could not read the master's logs: {exc}", file=sys.stderr)
+
+
+def _is_running(job_obj) -> bool:
+    return any(c.type == "Running" and c.status == "True"
+               for c in ((job_obj.status.conditions or []) if job_obj.status else []))
+
+
+def run_pytorchjob(job: TrainJob, cleanup: str = "on-success", client=None, poll_s: int = 15,
+                   log: Callable[[str], None] = print):
+    """Create the PyTorchJob, wait for Succeeded/Failed, stream logs, clean up; raise on failure."""
+    if cleanup not in CLEANUP_POLICIES:
+        raise ValueError(f"cleanup {cleanup!r}: one of {', '.join(CLEANUP_POLICIES)}")
+    if client is None:
+        from kubeflow.training import TrainingClient
+
+        client = TrainingClient(namespace=job.namespace, job_kind="PyTorchJob")
+    client.create_job(build_pytorchjob(job))
+    log(f"created PyTorchJob {job.namespace}/{job.name}; waiting up to {wait_seconds(job)} s")
+    streamer = _LogStreamer(client, job)
+    try:
+        final = client.wait_for_job_conditions(
+            job.name, namespace=job.namespace, expected_conditions={"Succeeded", "Failed"},
+            wait_timeout=wait_seconds(job), polling_interval=poll_s, callback=streamer)
+    except TimeoutError as exc:
+        _cleanup(client, job, cleanup, succeeded=False, log=log)
+        raise TrainJobFailed(f"PyTorchJob {job.namespace}/{job.name} did not finish within "
+                             f"{wait_seconds(job)} s") from exc
+    streamer.finish()
+    reason = failure_reason(final)
+    _cleanup(client, job, cleanup, succeeded=not reason, log=log)
+    if reason:
+        raise TrainJobFailed(f"PyTorchJob {job.namespace}/{job.name} failed: {reason}")
+    log(f"PyTorchJob {job.namespace}/{job.name} succeeded")
+    return final
+
+
+def _cleanup(client, job: TrainJob, policy: str, succeeded: bool, log) -> None:
+    if policy == "always" or (policy == "on-success" and succeeded):
+        client.delete_job(job.name, namespace=job.namespace)
+        log(f"deleted PyTorchJob {job.namespace}/{job.name} (cleanup={policy})")
+
+
+def torchrun_command(train_args: list[str], nproc: int) -> list[str]:
+    """torchrun on this machine, one node: the same `stages.train` command as in the pods."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "--module", "stages.train", *train_args]
+
+
+def run_torchrun_local(train_args: list[str], nproc: int = 1, env: dict | None = None) -> None:
+    cmd = torchrun_command(train_args, nproc)
+    print("running:", " ".join(cmd), flush=True)
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        raise TrainJobFailed(f"torchrun exited with {result.returncode}: {' '.join(cmd)}")
