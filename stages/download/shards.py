@@ -34,7 +34,7 @@ def failure_reason(message: str) -> str:
         return f"http_{m.group(1)}"
     if "timed out" in text or "timeout" in text:
         return "timeout"
-    if "cannot identify image" in text or "image file is truncated" in text or "decoder" in text:
+    if "cannot identify image" in text or "image file is truncated" in text or "decod" in text:
         return "not_an_image"
     if "x-robots-tag" in text:
         return "disallowed"
