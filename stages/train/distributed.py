@@ -51,8 +51,13 @@ def init_distributed(requested_device: str) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=float(os.environ.get("CLIPFORGE_DIST_TIMEOUT_S", "1800")))
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank,
-                                world_size=world_size, timeout=timeout)
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        # torchrun may hand a restarted worker group the same store: without a per-attempt prefix
+        # the new ranks would read the killed ranks' addresses and fail to connect
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"clipforge/attempt_{attempt}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timeout)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

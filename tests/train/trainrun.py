@@ -1,0 +1,92 @@
+"""Helpers for the trainer's tests: launch the real stage (plain, or under torchrun) and read results."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+FAST = ["--model", "clipforge-micro", "--batch-size", "16", "--warmup", "2", "--lr", "1e-3",
+        "--workers", "1", "--log-every-n-steps", "1", "--val-data", "none"]
+STEP_LINE = re.compile(r"Step: (\d+)/(\d+) .*LR: ([0-9.e-]+) .*Loss: ([0-9.e+-]+|nan)")
+
+
+def train_env(cli_env: dict, **extra: str) -> dict:
+    env = dict(cli_env)
+    env.update({"OMP_NUM_THREADS": "1", "CLIPFORGE_DIST_TIMEOUT_S": "120"}, **extra)
+    return env
+
+
+def stage_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "stages.train", *FAST, *args]
+
+
+def torchrun_cmd(*torchrun_args: str, train_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "stages.train",
+            *FAST, *train_args]
+
+
+def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """Start a process whose stdout and stderr go to a file the test can watch."""
+    return subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def run(cmd: list[str], env: dict, log: Path, timeout: float = 240) -> tuple[int, str]:
+    proc = start(cmd, env, log)
+    try:
+        rc = proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return rc, log.read_text(errors="replace")
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (rc={proc.returncode}) before {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def step_lines(text: str) -> list[tuple[int, float, float]]:
+    """(step, lr, loss) of every progress line, in order (rank 0 logs them)."""
+    return [(int(m[1]), float(m[3]), float(m[4])) for m in STEP_LINE.finditer(text)]
+
+
+def load_checkpoint(path: str) -> dict:
+    with open(path, "rb") as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+
+
+def latest(ckpt_dir: Path) -> dict | None:
+    p = ckpt_dir / "LATEST"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def run_json(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def environ_without_dist() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "RANK", "WORLD_SIZE"))}
