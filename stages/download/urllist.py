@@ -78,7 +78,7 @@ def check_url_list(uri: str, fmt: str, url_col: str, caption_col: str,
         url_col, caption_col, extra_cols = "url", "", []
     columns = list(table.column_names)
     for flag, col in [("--url-col", url_col), ("--caption-col", caption_col),
-                      *[("--extra-cols", c) for c in extra_cols]]:
+                      *[("--save-additional-columns", c) for c in extra_cols]]:
         if col and col not in columns:
             raise DataError(f"URL list {uri}: no column {col!r} ({flag}); it has {columns}")
     if table.num_rows == 0:
