@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from monkit_prom import query_range, substitute, variable_values
+from monkit_prom import api, query_range, substitute, variable_values
 from test_monitoring_local import start_monitor, stop_monitor
 
 from tests.conftest import REPO, free_port
@@ -111,6 +111,10 @@ def test_every_dashboard_panel_returns_data_from_a_real_run(tmp_path, cli_env):
         evals = query_range(base, f'clipforge_evaluate_metric{{run_id="{RUN}", dataset="demo", metric="acc1"}}',
                             start, end)
         assert 0 <= float(evals[0]["values"][-1][1]) <= 1
+
+        # the alert rules are loaded and evaluate without errors on these series
+        rules = [r for g in api(base, "rules")["groups"] for r in g["rules"]]
+        assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), rules
     finally:
         rc = stop_monitor(monitor, [prom, push])
     assert rc == 0, log.read_text()
