@@ -104,6 +104,8 @@ def run(cfg: DemoDataConfig) -> int:
         print(f"serving {len(files)} images on {server.base_url}/images/ (Ctrl-C to stop)", flush=True)
         try:
             server.serve_forever()
+        except KeyboardInterrupt:  # the documented way to stop serving, not a failure
+            pass
         finally:
             server.stop()
     return 0

@@ -1,0 +1,1 @@
+"""Benchmarks: each `bench/bench_<name>.py` defines `main(argv) -> int` and writes bench/results/."""
