@@ -1,0 +1,150 @@
+"""k8s/: kustomize builds, every object validates, pods are locked down, YAML matches the builder."""
+
+from __future__ import annotations
+
+import copy
+
+import jsonschema
+import kubernetes_validate
+import pytest
+from k8skit import DIRS, K8S, KUBERNETES_VERSION, pod_templates, pytorchjob_schema, webhook_errors
+
+from pipelines import manifests
+from pipelines.podspec import to_dict
+from pipelines.presets import PRESETS
+from pipelines.pytorchjob import build_pytorchjob
+
+CORE_KINDS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap", "Job"}
+
+
+@pytest.mark.parametrize("rel", DIRS)
+def test_each_directory_builds_the_whole_system(built, rel):
+    kinds = sorted(obj["kind"] for obj in built[rel])
+    assert kinds == sorted(["Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap",
+                            "Job", "Job", "PyTorchJob"])
+    assert {obj["metadata"].get("namespace") for obj in built[rel] if obj["kind"] != "Namespace"} == {"clipforge"}
+
+
+@pytest.mark.parametrize("rel", DIRS)
+def test_core_objects_validate_strictly(built, rel):
+    core = [obj for obj in built[rel] if obj["kind"] in CORE_KINDS]
+    assert len(core) == 8
+    for obj in core:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_strict_validation_rejects_an_unknown_field(built):
+    job = copy.deepcopy(next(o for o in built["base"] if o["kind"] == "Job"))
+    job["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("rel", DIRS)
+def test_pytorchjob_matches_crd_schema_and_webhook_rules(built, rel, shared_dir):
+    schema = pytorchjob_schema(shared_dir)
+    (job,) = [obj for obj in built[rel] if obj["kind"] == "PyTorchJob"]
+    jsonschema.validate(job, schema)
+    assert webhook_errors(job) == []
+
+
+def test_schema_and_webhook_checks_catch_bad_jobs(built, shared_dir):
+    schema = pytorchjob_schema(shared_dir)
+    (job,) = [obj for obj in built["overlays/cpu-smoke"] if obj["kind"] == "PyTorchJob"]
+    bad = copy.deepcopy(job)
+    bad["spec"]["runPolicy"]["backoffLimit"] = "three"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad = copy.deepcopy(job)
+    bad["metadata"]["name"] = "Clipforge_Train"
+    bad["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
+    bad["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"] = "trainer"
+    bad["spec"]["elasticPolicy"] = {"nProcPerNode": 2}
+    del bad["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert len(webhook_errors(bad)) == 4
+
+
+@pytest.mark.parametrize("rel", DIRS)
+def test_every_pod_is_locked_down_and_sized(built, rel):
+    for obj in built[rel]:
+        for where, template in pod_templates(obj):
+            pod = template["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True, where
+            assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+            for c in pod["containers"]:
+                sc = c["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False, where
+                assert sc["capabilities"]["drop"] == ["ALL"], where
+                assert set(c["resources"]["requests"]) >= {"cpu", "memory"}, where
+                assert set(c["resources"]["limits"]) >= {"cpu", "memory"}, where
+            assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false", where
+        if obj["kind"] == "Job":
+            assert obj["spec"]["backoffLimit"] >= 0 and obj["spec"]["ttlSecondsAfterFinished"] > 0
+        if obj["kind"] == "PyTorchJob":
+            policy = obj["spec"]["runPolicy"]
+            assert policy["backoffLimit"] >= 0 and policy["ttlSecondsAfterFinished"] > 0
+
+
+def test_download_is_an_indexed_job_whose_pods_take_their_slice(built):
+    (download,) = [o for o in built["base"] if o["metadata"]["name"] == "clipforge-download"]
+    assert download["spec"]["completionMode"] == "Indexed"
+    assert download["spec"]["completions"] == 4
+    container = download["spec"]["template"]["spec"]["containers"][0]
+    index_env = {e["name"]: e for e in container["env"]}["SHARD_INDEX"]
+    assert "job-completion-index" in index_env["valueFrom"]["fieldRef"]["fieldPath"]
+    assert "s3://clipforge/input/urls-$(SHARD_INDEX).parquet" in container["command"]
+
+
+def test_gpu_overlay_is_elastic_nccl_on_several_gpu_nodes(built):
+    (job,) = [o for o in built["overlays/gpu"] if o["kind"] == "PyTorchJob"]
+    spec = job["spec"]
+    assert spec["elasticPolicy"]["maxRestarts"] > 0
+    assert spec["elasticPolicy"]["minReplicas"] < spec["elasticPolicy"]["maxReplicas"]
+    assert int(spec["nprocPerNode"]) > 1
+    worker = spec["pytorchReplicaSpecs"]["Worker"]
+    assert worker["replicas"] > 1
+    pod = worker["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == spec["nprocPerNode"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
+    assert "--device" in container["command"] and "cuda" in container["command"]
+
+
+def test_cpu_smoke_overlay_runs_the_micro_model_without_gpus(built):
+    (job,) = [o for o in built["overlays/cpu-smoke"] if o["kind"] == "PyTorchJob"]
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        container = spec["template"]["spec"]["containers"][0]
+        assert "nvidia.com/gpu" not in container["resources"]["limits"]
+        argv = container["command"]
+        assert argv[argv.index("--model") + 1] == "clipforge-micro"
+        assert argv[argv.index("--device") + 1] == "cpu"  # gloo: the trainer picks it for CPU devices
+
+
+@pytest.mark.parametrize("preset,rel", [("base", "base"), ("cpu-smoke", "overlays/cpu-smoke"),
+                                        ("gpu", "overlays/gpu")])
+def test_launcher_creates_the_same_pytorchjob_as_the_overlay(built, preset, rel):
+    (from_kustomize,) = [o for o in built[rel] if o["kind"] == "PyTorchJob"]
+    assert to_dict(build_pytorchjob(PRESETS[preset]().train)) == from_kustomize
+
+
+def test_rbac_lets_the_launcher_manage_pytorchjobs_and_read_logs(built):
+    (role,) = [o for o in built["base"] if o["kind"] == "Role"]
+    grants = {(g, r): set(rule["verbs"]) for rule in role["rules"]
+              for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {"create", "get", "delete", "watch"} <= grants[("kubeflow.org", "pytorchjobs")]
+    assert "get" in grants[("", "pods/log")]
+    (binding,) = [o for o in built["base"] if o["kind"] == "RoleBinding"]
+    assert binding["subjects"][0]["name"] == binding["roleRef"]["name"] == "clipforge-launcher"
+
+
+def test_secret_template_holds_no_values(built):
+    (secret,) = [o for o in built["base"] if o["kind"] == "Secret"]
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert all(value == "" for value in secret["stringData"].values())
+    assert "data" not in secret
+
+
+def test_checked_in_yaml_is_what_the_builder_renders():
+    stale = [str(rel) for rel, text in manifests.rendered().items() if (K8S / rel).read_text() != text]
+    assert not stale, f"k8s/ is stale, run `clipforge pipeline render-k8s`: {stale}"
