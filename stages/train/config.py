@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 from stages.common.config import CommonConfig
@@ -87,6 +88,9 @@ class TrainConfig(CommonConfig):
                               "or brace pattern of webdataset shards")
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
             raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(f"--tensorboard {self.tensorboard}: the tensorboard package is not "
+                              "installed (pip install tensorboard), or leave the flag out")
         if self.gather_with_grad and self.siglip:
             raise ConfigError("--gather-with-grad applies to the CLIP loss, not --siglip")
         from stages.common.models import resolve_model
