@@ -41,13 +41,11 @@ def train(root: str, run_id: str, train_data: str, model: str, batch_size: int, 
           lr: float, warmup: int, precision: str, workers: int, save_every_steps: int, extra_args: str,
           launcher: str, nodes: int, procs_per_node: int, gpus_per_node: int, cpu: str, memory: str,
           shm_size: str, train_image: str, default_train_image: str, image_pull_policy: str, namespace: str,
-          active_deadline_s: int, cleanup: str) -> str:
+          active_deadline_s: int, cleanup: str, gpu_node_selector: str) -> str:
     """torchrun here (launcher='local') or a PyTorchJob on the cluster; returns the LATEST pointer URI."""
-    import re
     import shlex
 
-    from pipelines.launcher import run_pytorchjob, run_torchrun_local
-    from pipelines.pytorchjob import METRICS_PORT, TrainJob
+    from pipelines.launcher import cluster_train_job, run_pytorchjob, run_torchrun_local
 
     args = ["--root", root, "--run-id", run_id, "--train-data", train_data, "--model", model,
             "--batch-size", str(batch_size), "--lr", str(lr), "--warmup", str(warmup),
@@ -58,13 +56,11 @@ def train(root: str, run_id: str, train_data: str, model: str, batch_size: int, 
     if launcher == "local":
         run_torchrun_local(args, nproc=procs_per_node)
     elif launcher == "pytorchjob":
-        name = re.sub(r"[^a-z0-9-]+", "-", f"clipforge-train-{run_id}".lower())[:63].rstrip("-")
-        device = ["--device", "cuda" if gpus_per_node else "cpu"]
-        metrics = ["--metrics-port", str(METRICS_PORT), "--metrics-addr", "0.0.0.0"]
-        job = TrainJob(name=name, namespace=namespace, image=train_image or default_train_image, image_pull_policy=image_pull_policy,
-                       train_args=args + device + metrics, nodes=nodes, procs_per_node=procs_per_node,
-                       gpus_per_node=gpus_per_node, cpu=cpu, memory=memory, shm_size=shm_size,
-                       active_deadline_s=active_deadline_s, run_id=run_id)
+        job = cluster_train_job(run_id, args, image=train_image or default_train_image,
+                                image_pull_policy=image_pull_policy, namespace=namespace, nodes=nodes,
+                                procs_per_node=procs_per_node, gpus_per_node=gpus_per_node, cpu=cpu,
+                                memory=memory, shm_size=shm_size, active_deadline_s=active_deadline_s,
+                                gpu_node_selector=gpu_node_selector)
         run_pytorchjob(job, cleanup=cleanup)
     else:
         raise ValueError(f"launcher {launcher!r}: 'pytorchjob' or 'local'")

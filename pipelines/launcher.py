@@ -7,12 +7,13 @@ master's logs while it runs, and fails with the operator's reason.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 
-from pipelines.pytorchjob import TrainJob, build_pytorchjob
+from pipelines.pytorchjob import METRICS_PORT, TrainJob, build_pytorchjob
 
 CLEANUP_POLICIES = ("always", "on-success", "never")
 DEADLINE_SLACK_S = 300  # lets the operator report DeadlineExceeded itself before we give up
@@ -20,6 +21,25 @@ DEADLINE_SLACK_S = 300  # lets the operator report DeadlineExceeded itself befor
 
 class TrainJobFailed(RuntimeError):
     """The PyTorchJob failed, or did not finish by its deadline; the message says why."""
+
+
+def job_name(run_id: str) -> str:
+    """A DNS-1035 PyTorchJob name for a run id (run ids allow upper case and '_')."""
+    name = re.sub(r"[^a-z0-9-]+", "-", f"clipforge-train-{run_id}".lower())
+    return name[:63].rstrip("-")
+
+
+def cluster_train_job(run_id: str, train_args: list[str], gpus_per_node: int = 0, gpu_node_selector: str = "",
+                      **params) -> TrainJob:
+    """The pipeline's PyTorchJob: the step's train flags plus the device and a metrics port for pods.
+
+    `gpu_node_selector` is `key=value,...`, applied when the job asks for GPUs.
+    """
+    device = ["--device", "cuda" if gpus_per_node else "cpu"]
+    metrics = ["--metrics-port", str(METRICS_PORT), "--metrics-addr", "0.0.0.0"]
+    selector = dict(pair.split("=", 1) for pair in gpu_node_selector.split(",") if pair) if gpus_per_node else {}
+    return TrainJob(name=job_name(run_id), run_id=run_id, train_args=[*train_args, *device, *metrics],
+                    gpus_per_node=gpus_per_node, node_selector=selector, **params)
 
 
 def wait_seconds(job: TrainJob) -> int:

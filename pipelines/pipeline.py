@@ -78,7 +78,8 @@ def _wire(ops, default_train_image: str, image_pull_policy: str, gpu_node_select
         gpus_per_node=p.gpus_per_node, cpu=p.train_cpu, memory=p.train_memory, shm_size=p.shm_size,
         train_image=p.train_image, default_train_image=default_train_image,
         image_pull_policy=image_pull_policy, namespace=p.namespace,
-        active_deadline_s=p.active_deadline_s, cleanup=p.cleanup).set_display_name("train")
+        active_deadline_s=p.active_deadline_s, cleanup=p.cleanup,
+        gpu_node_selector=",".join(f"{k}={v}" for k, v in gpu_node_selector.items())).set_display_name("train")
     evaluated = ops["evaluate"](
         root=p.root, run_id=the_run, checkpoint=trained.output, eval_data=p.eval_data,
         demo_eval=data.outputs["demo_eval"], val_data=data.outputs["data"], batch_size=p.eval_batch_size,

@@ -36,7 +36,7 @@ def test_step_commands_pass_the_stages_config_check(s3, capfd):
         lr=1e-3, warmup=1, precision="fp32", workers=0, save_every_steps=5, extra_args="--check-config",
         launcher="local", nodes=1, procs_per_node=1, gpus_per_node=0, cpu="1", memory="1Gi",
         shm_size="64Mi", train_image="", default_train_image="unused", image_pull_policy="IfNotPresent",
-        namespace="clipforge", active_deadline_s=600, cleanup="on-success")
+        namespace="clipforge", active_deadline_s=600, cleanup="on-success", gpu_node_selector="")
     assert ckpt == f"{root}/{run_id}/checkpoints/LATEST"
     assert '"steps": 5' in capfd.readouterr().out
 
