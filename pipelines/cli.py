@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--service-account", default="clipforge-launcher",
                         help="service account of the steps (the train step creates PyTorchJobs)")
     submit.add_argument("--package", default="", help="a compiled pipeline YAML (default: compile now)")
+    submit.add_argument("--kfp-namespace", default=None,
+                        help="Kubeflow profile namespace of the run (multi-user installs)")
+    submit.add_argument("--cache", action="store_true",
+                        help="let KFP reuse cached step results (off: a rerun trains again)")
     _image_flags(submit)
     add_param_flags(submit)
     run = sub.add_parser("run", help="run the whole pipeline on this machine through kfp.local")
@@ -78,7 +82,8 @@ def _submit(args) -> int:
         client = kfp.Client(host=args.host)
         result = client.create_run_from_pipeline_package(
             package, arguments=given_params(args), experiment_name=args.experiment,
-            run_name=args.run_name or None, service_account=args.service_account)
+            run_name=args.run_name or None, service_account=args.service_account,
+            namespace=args.kfp_namespace, enable_caching=args.cache)
     print(f"submitted run {result.run_id} to {args.host} (experiment {args.experiment})")
     return 0
 
