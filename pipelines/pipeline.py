@@ -28,9 +28,9 @@ def clip_pipeline(
     samples_per_shard: int = 500, download_processes: int = 1, download_threads: int = 32,
     download_args: str = "",
     # model and training
-    model: str = "clipforge-micro", batch_size: int = 64, steps: int = 60, epochs: int = 1,
+    model: str = "clipforge-micro", batch_size: int = 64, steps: int = 200, epochs: int = 1,
     lr: float = 1e-3, warmup: int = 10, precision: str = "fp32", workers: int = 1,
-    save_every_steps: int = 20, train_args: str = "",
+    save_every_steps: int = 100, train_args: str = "",
     # where training runs
     launcher: str = "pytorchjob", nodes: int = 2, procs_per_node: int = 1, gpus_per_node: int = 0,
     train_cpu: str = "2", train_memory: str = "4Gi", shm_size: str = "1Gi", train_image: str = "",
