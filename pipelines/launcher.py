@@ -11,12 +11,14 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from pipelines.pytorchjob import METRICS_PORT, TrainJob, build_pytorchjob
 
 CLEANUP_POLICIES = ("always", "on-success", "never")
 DEADLINE_SLACK_S = 300  # lets the operator report DeadlineExceeded itself before we give up
+MAX_API_ERRORS = 20  # over the whole wait; a multi-day job sees API restarts
 
 
 class TrainJobFailed(RuntimeError):
@@ -100,7 +102,7 @@ def _is_running(job_obj) -> bool:
 
 
 def run_pytorchjob(job: TrainJob, cleanup: str = "on-success", client=None, poll_s: int = 15,
-                   log: Callable[[str], None] = print):
+                   log: Callable[[str], None] = print, max_api_errors: int = MAX_API_ERRORS):
     """Create the PyTorchJob, wait for Succeeded/Failed, stream logs, clean up; raise on failure."""
     if cleanup not in CLEANUP_POLICIES:
         raise ValueError(f"cleanup {cleanup!r}: one of {', '.join(CLEANUP_POLICIES)}")
@@ -108,17 +110,17 @@ def run_pytorchjob(job: TrainJob, cleanup: str = "on-success", client=None, poll
         from kubeflow.training import TrainingClient
 
         client = TrainingClient(namespace=job.namespace, job_kind="PyTorchJob")
-    client.create_job(build_pytorchjob(job))
+    try:
+        client.create_job(build_pytorchjob(job))
+    except (RuntimeError, TimeoutError) as exc:
+        raise TrainJobFailed(f"could not create PyTorchJob {job.namespace}/{job.name}: {exc}") from exc
     log(f"created PyTorchJob {job.namespace}/{job.name}; waiting up to {wait_seconds(job)} s")
     streamer = _LogStreamer(client, job)
     try:
-        final = client.wait_for_job_conditions(
-            job.name, namespace=job.namespace, expected_conditions={"Succeeded", "Failed"},
-            wait_timeout=wait_seconds(job), polling_interval=poll_s, callback=streamer)
-    except TimeoutError as exc:
+        final = _wait(client, job, poll_s, streamer, log, max_api_errors)
+    except TrainJobFailed:
         _cleanup(client, job, cleanup, succeeded=False, log=log)
-        raise TrainJobFailed(f"PyTorchJob {job.namespace}/{job.name} did not finish within "
-                             f"{wait_seconds(job)} s") from exc
+        raise
     streamer.finish()
     reason = failure_reason(final)
     _cleanup(client, job, cleanup, succeeded=not reason, log=log)
@@ -126,6 +128,27 @@ def run_pytorchjob(job: TrainJob, cleanup: str = "on-success", client=None, poll
         raise TrainJobFailed(f"PyTorchJob {job.namespace}/{job.name} failed: {reason}")
     log(f"PyTorchJob {job.namespace}/{job.name} succeeded")
     return final
+
+
+def _wait(client, job: TrainJob, poll_s: int, callback, log, max_errors: int):
+    """Until Succeeded/Failed or the job's deadline; a few API hiccups in a row do not end the wait."""
+    deadline = time.monotonic() + wait_seconds(job)
+    errors = 0
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            return client.wait_for_job_conditions(
+                job.name, namespace=job.namespace, expected_conditions={"Succeeded", "Failed"},
+                wait_timeout=max(poll_s, int(remaining)), polling_interval=poll_s, callback=callback)
+        except (TimeoutError, RuntimeError) as exc:  # the SDK's errors for a get that failed or timed out
+            if time.monotonic() >= deadline:
+                break
+            errors += 1
+            if errors > max_errors:
+                raise TrainJobFailed(f"lost the Kubernetes API while waiting for PyTorchJob "
+                                     f"{job.namespace}/{job.name}: {exc}") from exc
+            log(f"API error while waiting ({errors}/{max_errors}): {exc}")
+            time.sleep(poll_s)
+    raise TrainJobFailed(f"PyTorchJob {job.namespace}/{job.name} did not finish within {wait_seconds(job)} s")
 
 
 def _cleanup(client, job: TrainJob, policy: str, succeeded: bool, log) -> None:

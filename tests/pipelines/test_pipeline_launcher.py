@@ -12,7 +12,9 @@ from kubernetes import client as k8s
 from pipelines.launcher import (
     DEADLINE_SLACK_S,
     TrainJobFailed,
+    _wait,
     failure_reason,
+    run_pytorchjob,
     run_torchrun_local,
     torchrun_command,
     wait_seconds,
@@ -75,3 +77,29 @@ def test_local_launch_is_the_same_stage_command_under_torchrun():
 def test_local_launch_fails_with_the_stages_exit_status(tmp_path):
     with pytest.raises(TrainJobFailed, match="exited with"):
         run_torchrun_local(["--train-data", str(tmp_path / "missing"), "--root", str(tmp_path)])
+
+
+def _client_for_a_dead_api_server():
+    """A real TrainingClient aimed at a loopback port nobody listens on."""
+    from kubeflow.training import TrainingClient
+
+    from tests.conftest import free_port
+
+    cfg = k8s.Configuration()
+    cfg.host = f"http://127.0.0.1:{free_port()}"
+    cfg.retries = 0
+    return TrainingClient(client_configuration=cfg, namespace="clipforge")
+
+
+def test_unreachable_api_server_fails_the_step_with_a_clear_reason():
+    client = _client_for_a_dead_api_server()
+    with pytest.raises(TrainJobFailed, match="could not create PyTorchJob clipforge/t"):
+        run_pytorchjob(TrainJob(name="t", train_args=["--train-data", "x"]), client=client)
+
+
+def test_waiting_gives_up_after_repeated_api_errors():
+    client = _client_for_a_dead_api_server()
+    lines = []
+    with pytest.raises(TrainJobFailed, match="lost the Kubernetes API"):
+        _wait(client, TrainJob(name="t"), poll_s=1, callback=None, log=lines.append, max_errors=2)
+    assert len(lines) == 2 and "API error while waiting (1/2)" in lines[0]
