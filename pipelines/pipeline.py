@@ -102,3 +102,5 @@ def _cluster_settings(task, image_pull_policy: str) -> None:
     kfk.use_config_map_as_env(task, podspec.S3_CONFIG_MAP, {k: k for k in S3_CONFIG_KEYS})
     kfk.set_image_pull_policy(task, image_pull_policy)
     kfk.add_pod_annotation(task, "sidecar.istio.io/inject", "false")
+    kfk.set_security_context(task, run_as_user=podspec.RUN_AS_USER, run_as_group=podspec.RUN_AS_USER,
+                             run_as_non_root=True)

@@ -79,6 +79,12 @@ def _threads_per_proc(job: TrainJob) -> int:
     return max(1, cores // job.procs_per_node)
 
 
+def _metrics_ports(job: TrainJob) -> list[k8s.V1ContainerPort]:
+    """Local rank r serves metrics on METRICS_PORT + r; the PodMonitor scrapes these port names."""
+    return [k8s.V1ContainerPort(name="metrics" if r == 0 else f"metrics-{r}", container_port=METRICS_PORT + r)
+            for r in range(job.procs_per_node)]
+
+
 def _container(job: TrainJob) -> k8s.V1Container:
     _, shm_mount = podspec.shm_volume(job.shm_size)
     env = [k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
@@ -86,7 +92,7 @@ def _container(job: TrainJob) -> k8s.V1Container:
     return k8s.V1Container(
         name=CONTAINER, image=job.image, image_pull_policy=job.image_pull_policy, command=command(job),
         env=env, env_from=podspec.s3_env_from(),
-        ports=[k8s.V1ContainerPort(name="metrics", container_port=METRICS_PORT)],
+        ports=_metrics_ports(job),
         resources=podspec.resources(job.cpu, job.memory, job.gpus_per_node),
         security_context=podspec.container_security(), volume_mounts=[shm_mount])
 

@@ -83,6 +83,7 @@ def test_cluster_settings_of_the_steps(tmp_path):
         (secret,) = [s for s in ex["secretAsEnv"] if s["secretName"] == "clipforge-s3"]
         assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
         assert ex["configMapAsEnv"][0]["keyToEnv"][0]["envVar"] == "AWS_ENDPOINT_URL"
+        assert ex["securityContext"] == {"runAsUser": "1000", "runAsGroup": "1000", "runAsNonRoot": True}
     for step in ("train", "evaluate"):
         assert executors[f"exec-{step}"]["emptyDirMounts"] == [
             {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}]
