@@ -20,7 +20,6 @@ setup: $(STAMP)
 # torch comes first and alone: the pinned CUDA build installs from local disk.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch torchvision
 	$(PIP) install -q -c constraints.txt -e '.[all]'
 	@touch $@
