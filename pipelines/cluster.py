@@ -49,5 +49,5 @@ def s3_settings(ns: str) -> list:
         api_version="v1", kind="ConfigMap", metadata=_meta(podspec.S3_CONFIG_MAP, ns),
         data={"AWS_ENDPOINT_URL": "http://minio.minio.svc.cluster.local:9000",
               "AWS_DEFAULT_REGION": "us-east-1",
-              "PUSHGATEWAY_URL": "http://pushgateway.monitoring.svc.cluster.local:9091"})
+              "PUSHGATEWAY_URL": "http://clipforge-pushgateway:9091"})
     return [secret, config]

@@ -11,7 +11,7 @@ import torchx.specs as specs
 from torchx.components.dist import torchrun
 
 # torchx reads the annotations at run time, so they stay real types (no postponed evaluation)
-TRAIN_IMAGE = "ghcr.io/clipforge/train:latest"
+TRAIN_IMAGE = "ghcr.io/clipforge/clipforge-train:latest"  # as pipelines.images names it
 
 
 def train(

@@ -30,9 +30,15 @@ from stages.common.errors import StorageError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRIES = int(os.environ.get("CLIPFORGE_STORAGE_RETRIES", "5"))
-BACKOFF_S = float(os.environ.get("CLIPFORGE_STORAGE_BACKOFF_S", "0.5"))
 BACKOFF_MAX_S = 20.0
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
+def _retry_settings() -> tuple[int, float]:
+    """Read per call, so a long-lived process honours the environment it was given."""
+    return (int(os.environ.get("CLIPFORGE_STORAGE_RETRIES", "5")),
+            float(os.environ.get("CLIPFORGE_STORAGE_BACKOFF_S", "0.5")))
 
 _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
                      errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
@@ -82,7 +88,8 @@ def _hint(exc: BaseException) -> str:
 
 def retrying(what: str, uri: str, fn: Callable[[], T], retries: int | None = None) -> T:
     """Run fn, retrying transient storage errors with jittered exponential backoff."""
-    retries = RETRIES if retries is None else retries
+    default_retries, backoff_s = _retry_settings()
+    retries = default_retries if retries is None else retries
     for attempt in range(retries + 1):
         try:
             return fn()
@@ -93,7 +100,7 @@ def retrying(what: str, uri: str, fn: Callable[[], T], retries: int | None = Non
                 tries = f" after {attempt + 1} attempts" if attempt else ""
                 raise StorageError(f"{what} {uri} failed{tries}: {type(exc).__name__}: {exc} "
                                    f"({_hint(exc)})") from exc
-            delay = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** attempt) * (0.5 + random.random())
+            delay = min(BACKOFF_MAX_S, backoff_s * 2 ** attempt) * (0.5 + random.random())
             log.warning("%s %s: transient %s (%s); retry %d/%d in %.1fs", what, uri,
                         type(exc).__name__, exc, attempt + 1, retries, delay)
             _invalidate(uri)
@@ -194,6 +201,8 @@ def _atomic_local_write(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would have
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

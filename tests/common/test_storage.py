@@ -19,8 +19,8 @@ def root(request, tmp_path):
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    """Short backoff in this process (the module reads its env once, at import)."""
-    monkeypatch.setattr(storage, "BACKOFF_S", 0.05)
+    """Short backoff: the module reads its retry settings from the environment on every call."""
+    monkeypatch.setenv("CLIPFORGE_STORAGE_BACKOFF_S", "0.05")
 
 
 def retry_warnings(caplog) -> int:
@@ -78,6 +78,8 @@ def test_local_specifics(tmp_path, s3):
     assert storage.join("s3://b/p/", "/q/", "r") == "s3://b/p/q/r"
     storage.write_bytes(str(tmp_path / "f"), b"1")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+    (tmp_path / "plain").write_bytes(b"1")  # an atomic write leaves the mode a plain write gives
+    assert (tmp_path / "f").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_invalid_json_is_a_clear_error(root):
@@ -112,9 +114,9 @@ def test_write_while_store_is_down_retries_then_fails_cleanly(flaky_s3, caplog, 
     with pytest.raises(StorageError) as info:
         storage.write_bytes(uri, b"x" * 100_000)
     message = str(info.value)
-    assert uri in message and f"after {storage.RETRIES + 1} attempts" in message
+    assert uri in message and f"after {storage._retry_settings()[0] + 1} attempts" in message
     assert "AWS_ENDPOINT_URL" in message
-    assert retry_warnings(caplog) == storage.RETRIES
+    assert retry_warnings(caplog) == storage._retry_settings()[0]
     proxy.up()
     storage._invalidate(uri)
     assert not storage.exists(uri), "a failed write must leave no object behind"

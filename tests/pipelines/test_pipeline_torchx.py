@@ -34,3 +34,15 @@ def test_torchx_local_cwd_trains_with_two_processes_on_demo_data(tmp_path, cli_e
     latest = json.loads(Path(root, "tx", "checkpoints", "LATEST").read_text())
     assert latest["step"] == 4
     assert "4 steps of 32 samples" in out  # 2 ranks x batch 16
+
+
+def test_torchx_component_defaults_to_the_image_make_images_builds():
+    sys.path.insert(0, str(REPO / "pipelines"))
+    try:
+        import torchx_components
+    finally:
+        sys.path.remove(str(REPO / "pipelines"))
+    from pipelines.images import image
+
+    app = torchx_components.train("--steps", "1")
+    assert {role.image for role in app.roles} == {image("train", "ghcr.io/clipforge", "latest")}
