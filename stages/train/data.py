@@ -8,9 +8,12 @@ What it adds over open_clip_train's `get_wds_dataset`:
 - the shard order of an epoch is a pure function of (seed, epoch), so a resumed run sees the
   same order, and `state()` lets it continue an epoch without replaying consumed shards;
 - undecodable samples and truncated shards are skipped, logged and counted, never fatal;
-- faster decoding: JPEG draft mode (the decoder scales by 1/2, 1/4, 1/8 while decoding), only
-  the image and caption are decoded, captions are tokenized per batch, and images are turned
-  into one normalized float batch in a single copy instead of per-sample ToTensor + Normalize.
+- faster per worker (see `ImageDecoder`, `BufferPool`): JPEG draft mode (the decoder scales by
+  1/2, 1/4, 1/8 while decoding, never below the transform's output size), only the image and
+  caption are decoded, images are converted to RGB once, captions are tokenized per batch, and
+  each image goes from uint8 straight into the batch's normalized float tensor, which a worker
+  allocates in shared memory and reuses once the trainer has let go of it (no stack, no copy
+  into shared memory, no page faults on fresh memory for every batch).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 import multiprocessing as mp
 import random
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +34,7 @@ import torch
 import webdataset  # noqa: F401 - imported so that webdataset.gopen is in sys.modules
 from braceexpand import braceexpand
 from PIL import Image
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
@@ -43,6 +48,7 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TEXT_KEY = "txt"
 SAMPLE_SHUFFLE = 2000          # raw samples held for shuffling in each worker
 SAMPLE_SHUFFLE_INITIAL = 500   # samples read before the first one leaves the buffer
+PREFETCH = 2                   # batches each DataLoader worker works ahead
 _PASS_END = -1                 # marks the end of one pass over a worker's shards
 FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "memory", "sftp")
 
@@ -213,9 +219,15 @@ def batches_done_by_worker(batches: int, num_batches: int, worker: int, num_work
 class ImageDecoder:
     """Decode image bytes and apply open_clip's transform, faster when the transform allows.
 
-    open_clip's transforms end with ToTensor + Normalize; those run once per batch here (one copy
-    from uint8 to normalized float), and JPEGs decode in draft mode at the smallest DCT scale that
-    is still at least the output size. Any other transform is applied per sample as given.
+    open_clip's transforms end with ToTensor + Normalize; here those two run per batch instead:
+    each sample's uint8 image is written straight into the batch's normalized float tensor, which a
+    DataLoader worker keeps in shared memory (`BufferPool`), so handing the batch over copies
+    nothing (torch.stack + the move into shared memory are two 38 MB copies per 64 x 224 px
+    batch, each paying page faults on fresh memory). When the first geometric step resizes
+    (RandomResizedCrop, Resize: open_clip's train and val transforms), JPEGs decode in draft mode:
+    libjpeg's DCT scaling by 1/2, 1/4 or 1/8, the smallest that keeps both sides at least the
+    output size. Images are converted to RGB once, and only when they are not RGB already. Any
+    other transform is applied per sample as given.
     """
 
     def __init__(self, preprocess: Callable):
@@ -225,40 +237,159 @@ class ImageDecoder:
         self.fast = len(steps) >= 2 and names[-1] == "Normalize" and names[-2] in ("ToTensor", "MaybeToTensor")
         self.draft_size = 0
         if self.fast:
-            self.geometric = steps[:-2]
+            # decode() already gives RGB: the transform's own RGB conversion would only copy
+            self.geometric = [s for s in steps[:-2] if not _is_rgb_conversion(s)]
             norm = steps[-1]
-            self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-            self.std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-            self.draft_size = _output_size(self.geometric)
+            self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1) * 255.0
+            self.std = torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1) * 255.0
+            self.draft_size = _draft_size(self.geometric)
+
+    def open(self, data: bytes) -> Image.Image:
+        """The decoded RGB image; a JPEG in draft mode (never smaller than draft_size) when allowed."""
+        img = Image.open(io.BytesIO(data))
+        if self.draft_size and img.format == "JPEG":
+            img.draft("RGB", (self.draft_size, self.draft_size))
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")
 
     def decode(self, data: bytes) -> Any:
-        img = Image.open(io.BytesIO(data))
-        if self.fast and self.draft_size and img.format == "JPEG":
-            img.draft("RGB", (self.draft_size, self.draft_size))
-        img = img.convert("RGB")
+        """One sample: the transformed PIL image (fast path) or the transform's tensor."""
+        img = self.open(data)
         if not self.fast:
             return self.preprocess(img)
         for step in self.geometric:
             img = step(img)
-        return np.asarray(img)
+        return img
 
-    def collate(self, images: list[Any]) -> torch.Tensor:
+    def batch_shape(self, images: list[Any]) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of the tensor `collate` makes of these decoded samples."""
         if not self.fast:
-            return torch.stack(images)
-        stacked = torch.from_numpy(np.stack(images))  # B, H, W, C uint8
-        out = torch.empty((stacked.shape[0], 3, stacked.shape[1], stacked.shape[2]), dtype=torch.float32)
-        out.copy_(stacked.permute(0, 3, 1, 2))
-        return out.sub_(self.mean).div_(self.std)
+            return (len(images), *images[0].shape), images[0].dtype
+        width, height = images[0].size
+        return (len(images), 3, height, width), torch.float32
+
+    def collate(self, images: list[Any], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch as one tensor, written into `out` when given (else a new one, in shared
+        memory inside a DataLoader worker)."""
+        if out is None:
+            out = _batch_tensor(*self.batch_shape(images))
+        if not self.fast:
+            return torch.stack(images, out=out)
+        width, height = images[0].size
+        with warnings.catch_warnings():  # torch warns that PIL's buffer is read-only; it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            for row, img in zip(out, images, strict=True):
+                if img.size != (width, height):
+                    raise ValueError(f"the transform gave images of sizes {(width, height)} and "
+                                     f"{img.size}: they cannot form one batch")
+                pixels = torch.from_numpy(np.asarray(img))  # H, W, C uint8, no copy
+                # one sample at a time, so the in-place normalize works on data still in the cache
+                row.copy_(pixels.permute(2, 0, 1))
+                row.sub_(self.mean).div_(self.std)
+        return out
 
 
-def _output_size(steps: list[Any]) -> int:
-    """The longest side the geometric transforms produce (0 when unknown: no draft)."""
-    for step in steps:
-        size = getattr(step, "size", None)
-        if isinstance(size, int):
-            return size
-        if isinstance(size, (tuple, list)) and size:
-            return int(max(size))
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in shared memory inside a DataLoader worker, as default_collate does."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+
+
+class BufferPool:
+    """Shared-memory batch tensors that DataLoader workers reuse once the trainer let go of them.
+
+    A fresh shared-memory tensor per batch (what torch does for every batch a worker sends) costs
+    the worker the kernel's zeroing and a page fault per 4 KiB page, about as much as decoding
+    and resizing a sixth of the batch's images. Here each worker has a few slots: it fills a free
+    slot's tensor (with none free, a fresh one) and sends it; the main process watches the
+    tensor's storage with a weak reference and frees the slot once nothing in the main process
+    refers to it any more (no tensor, view or array), or as soon as pin_memory has copied it.
+    A slot is tagged with the loader iteration that took it, so the slots of batches the
+    DataLoader discarded (an iteration left early) are freed when the next iteration starts.
+    In the main process itself (workers=0) batches are always fresh: the trainer keeps them.
+    Don't send a batch on to another process while using it (its memory would be reused).
+    """
+
+    FREE = 0
+
+    def __init__(self, num_workers: int, slots_per_worker: int):
+        self.slots_per_worker = slots_per_worker
+        self.flags = mp.Array("i", max(1, num_workers) * slots_per_worker, lock=False)  # FREE or tag
+        self.iteration = mp.Value("i", 1)
+        self.pooled = 0                                # main process: batches that came in a slot
+        self._tensors: dict[int, torch.Tensor] = {}   # worker process: its slots' tensors
+        self._watched: dict[int, Any] = {}            # main process: slot -> StorageWeakRef
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tensors": {}, "_watched": {}}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, tag: int) -> tuple[int, torch.Tensor | None]:
+        """Worker: (slot, its tensor) to fill; (-1, None) when the batch gets a fresh tensor."""
+        info = get_worker_info()
+        if info is None:
+            return -1, None
+        first = info.id * self.slots_per_worker
+        for slot in range(first, first + self.slots_per_worker):
+            if self.flags[slot] != self.FREE:
+                continue
+            tensor = self._tensors.get(slot)
+            if tensor is None:
+                tensor = self._tensors[slot] = _batch_tensor(shape, dtype)
+            elif tensor.shape != shape or tensor.dtype != dtype:
+                return -1, None  # e.g. the last, partial validation batch
+            self.flags[slot] = tag
+            return slot, tensor
+        return -1, None
+
+    def start_iteration(self) -> None:
+        """Main process, before the DataLoader starts an iteration."""
+        self.iteration.value += 1
+
+    def release(self, iteration_started: bool = False) -> None:
+        """Main process: free the slots whose tensors nothing refers to any more. Once the new
+        iteration's first message is in, the DataLoader has dropped every batch of earlier ones
+        that it had not handed out: their slots are free too, unless still watched."""
+        for slot, ref in list(self._watched.items()):
+            if ref.expired():
+                del self._watched[slot]
+                self.flags[slot] = self.FREE
+        if iteration_started:
+            current = self.iteration.value
+            for slot in range(len(self.flags)):
+                if self.flags[slot] not in (self.FREE, current) and slot not in self._watched:
+                    self.flags[slot] = self.FREE
+
+    def watch(self, slot: int, images: torch.Tensor, pinned: bool) -> None:
+        """Main process: a batch from `slot` came in; its slot is freed when its storage dies."""
+        if slot < 0:
+            return
+        self.pooled += 1
+        if pinned:  # pin_memory has copied it: nothing here refers to the shared tensor
+            self.flags[slot] = self.FREE
+        else:
+            self._watched[slot] = StorageWeakRef(images.untyped_storage())
+
+
+def _is_rgb_conversion(step: Any) -> bool:
+    """open_clip's MaybeConvertMode('RGB') (or the older _convert_to_rgb function)."""
+    if type(step).__name__ == "MaybeConvertMode":
+        return getattr(step, "mode", None) == "RGB"
+    return getattr(step, "__name__", None) == "_convert_to_rgb"
+
+
+def _draft_size(steps: list[Any]) -> int:
+    """The size JPEG draft mode may decode to: the output size when the first geometric step
+    resizes the whole image to it (RandomResizedCrop, Resize), else 0 (no draft: a crop before
+    any resize would see a different part of a smaller image)."""
+    if not steps or type(steps[0]).__name__ not in ("RandomResizedCrop", "Resize"):
+        return 0
+    size = getattr(steps[0], "size", None)
+    if isinstance(size, int):
+        return size
+    if isinstance(size, (tuple, list)) and size and all(isinstance(s, int) for s in size):
+        return int(max(size))
     return 0
 
 
@@ -294,11 +425,14 @@ class _Batch:
     texts: torch.Tensor | None
     worker: int
     skipped: int
+    slot: int = -1        # the BufferPool slot the images are in (-1: a tensor of their own)
+    pinned: bool = False  # copied by pin_memory: the slot's tensor is no longer referred to
 
     def pin_memory(self) -> _Batch:
         if self.images is None:
             return self
-        return _Batch(self.images.pin_memory(), self.texts.pin_memory(), self.worker, self.skipped)
+        return _Batch(self.images.pin_memory(), self.texts.pin_memory(), self.worker, self.skipped,
+                      self.slot, pinned=True)
 
 
 @dataclass
@@ -319,11 +453,14 @@ class _Plan:
 class ShardStream(IterableDataset):
     """Yields `_Batch`es for one rank; each DataLoader worker reads its own shards."""
 
-    def __init__(self, plan: _Plan, decoder: ImageDecoder, tokenizer: Callable):
+    def __init__(self, plan: _Plan, decoder: ImageDecoder, tokenizer: Callable, prefetch: int = PREFETCH):
         super().__init__()
         self.plan = plan
         self.decoder = decoder
         self.tokenizer = tokenizer
+        # slots per worker: its prefetched batches, the one it fills, the one the trainer uses and
+        # the one it used before (still referred to while the next batch is fetched)
+        self.pool = BufferPool(plan.num_workers, prefetch + 3)
         self.epoch = mp.Value("i", 0)        # shared with persistent workers
         self.skip_batches = mp.Value("i", 0)  # resume: batches of this epoch already consumed
         self.skipped = 0
@@ -333,6 +470,7 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, skip = self.epoch.value, self.skip_batches.value
+        tag = self.pool.iteration.value  # marks the pool slots this iteration's batches use
         # The DataLoader asks its workers in turn from worker 0; after a resume the turn is at
         # worker skip % num_workers, so the workers take on the parts that keep the batch order.
         worker = (loader_worker + skip) % num_workers
@@ -350,7 +488,7 @@ class ShardStream(IterableDataset):
             return
         if replayed:
             samples = self._drop_consumed(samples, replayed * p.batch_size)
-        yield from self._batches(samples, loader_worker, quota - replayed if quota is not None else None)
+        yield from self._batches(samples, loader_worker, quota - replayed if quota is not None else None, tag)
         yield _Batch(None, None, loader_worker, self.skipped)  # reports skips after the last batch
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
@@ -443,7 +581,7 @@ class ShardStream(IterableDataset):
             log.debug("skipping sample %s: %s: %s", sample.get("__key__"), type(exc).__name__, exc)
             return None
 
-    def _batches(self, samples: Iterator[dict], worker: int, quota: int | None) -> Iterator[_Batch]:
+    def _batches(self, samples: Iterator[dict], worker: int, quota: int | None, tag: int) -> Iterator[_Batch]:
         images: list[Any] = []
         texts: list[str] = []
         made = 0
@@ -455,16 +593,17 @@ class ShardStream(IterableDataset):
             images.append(decoded[0])
             texts.append(decoded[1])
             if len(images) == self.plan.batch_size:
-                yield self._collate(images, texts, worker)
+                yield self._collate(images, texts, worker, tag)
                 images, texts = [], []
                 made += 1
                 if quota is not None and made >= quota:
                     return
         if images and quota is None:  # validation keeps its last, partial batch
-            yield self._collate(images, texts, worker)
+            yield self._collate(images, texts, worker, tag)
 
-    def _collate(self, images: list[Any], texts: list[str], worker: int) -> _Batch:
-        return _Batch(self.decoder.collate(images), self.tokenizer(texts), worker, self.skipped)
+    def _collate(self, images: list[Any], texts: list[str], worker: int, tag: int) -> _Batch:
+        slot, out = self.pool.take(*self.decoder.batch_shape(images), tag=tag)
+        return _Batch(self.decoder.collate(images, out), self.tokenizer(texts), worker, self.skipped, slot)
 
 
 # ---------------------------------------------------------------- the loader the trainer uses
@@ -482,10 +621,16 @@ class TrackingLoader(DataLoader):
         self.skipped_done += sum(self._skipped_now.values())
         self._skipped_now = {}
         self.consumed = self.dataset.skip_batches.value
+        pool = self.dataset.pool
+        pool.start_iteration()
+        started = False
         for batch in super().__iter__():
+            pool.release(iteration_started=not started)
+            started = True
             self._skipped_now[batch.worker] = batch.skipped
             if batch.images is None:
                 continue
+            pool.watch(batch.slot, batch.images, batch.pinned)
             self.consumed += 1
             yield batch.images, batch.texts
         self.skipped_done += sum(self._skipped_now.values())
@@ -541,7 +686,7 @@ def _epoch_size(cfg: Any, sources: list[Source]) -> int:
 def _loader(dataset: ShardStream, workers: int) -> TrackingLoader:
     return TrackingLoader(dataset, num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available(),
-                          prefetch_factor=2 if workers > 0 else None)
+                          prefetch_factor=PREFETCH if workers > 0 else None)
 
 
 def _resume_batches(resume_state: dict | None, epoch: int, num_batches: int, per_batch: int) -> int:

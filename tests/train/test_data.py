@@ -189,3 +189,90 @@ def test_the_fast_decoder_matches_open_clips_transform(local_shards, transforms)
     ours = decoder.collate([decoder.decode(jpg)])[0]
     theirs = val_tf(Image.open(io.BytesIO(jpg)))
     assert (ours - theirs).abs().max() < 1e-5
+
+
+def _jpeg_bytes(width: int, height: int, seed: int, fmt: str = "JPEG") -> bytes:
+    import io
+    import random
+
+    from shards import draw_shape
+
+    img = draw_shape("blue", "circle", max(width, height), random.Random(seed)).resize((width, height))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=90)
+    return buf.getvalue()
+
+
+def test_draft_decoding_never_goes_below_the_target_and_matches_the_transform():
+    import io
+
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+
+    train_tf = open_clip.image_transform(224, is_train=True)  # ViT-B-32's train transform
+    decoder = data.ImageDecoder(train_tf)
+    assert decoder.fast and decoder.draft_size == 224
+    # draft keeps both sides >= 224 (a 512 px JPEG decodes at 256), never drafts a PNG
+    for (w, h), expected in {(224, 224): (224, 224), (256, 256): (256, 256), (447, 447): (447, 447),
+                             (448, 448): (224, 224), (512, 512): (256, 256), (1000, 300): (1000, 300),
+                             (1000, 1000): (250, 250), (1800, 900): (450, 225)}.items():
+        size = decoder.open(_jpeg_bytes(w, h, seed=w)).size
+        assert size == expected and min(size) >= 224
+    assert decoder.open(_jpeg_bytes(512, 512, seed=0, fmt="PNG")).size == (512, 512)
+    # a center crop before any resize would see another part of a smaller image: no draft then
+    assert data.ImageDecoder(open_clip.image_transform(224, is_train=False)).draft_size == 224
+    norm = train_tf.transforms[-1]
+    crop_first = T.Compose([T.CenterCrop(224), T.Resize(224), T.ToTensor(), T.Normalize(norm.mean, norm.std)])
+    assert data.ImageDecoder(crop_first).fast and data.ImageDecoder(crop_first).draft_size == 0
+
+    def both(jpgs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)  # the same random crops on both sides
+        ours = decoder.collate([decoder.decode(j) for j in jpgs])
+        torch.manual_seed(0)
+        theirs = torch.stack([train_tf(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpgs])
+        return ours, theirs
+
+    # images that need no draft: the batch is open_clip's transform, to float rounding
+    ours, theirs = both([_jpeg_bytes(s, s, seed=s + i) for i, s in enumerate((224, 256, 224, 256))])
+    assert ours.shape == theirs.shape == (4, 3, 224, 224) and ours.dtype == torch.float32
+    assert (ours - theirs).abs().max() < 1e-5
+    # a 512 px JPEG decoded at 256 px: the same picture, resampled differently
+    ours, theirs = both([_jpeg_bytes(512, 512, seed=3)])
+    assert ours.shape == theirs.shape and (ours - theirs).abs().mean() < 0.05
+
+
+def test_worker_batches_are_the_in_process_batches(local_shards, transforms):
+    # a DataLoader worker writes batches straight into shared memory; the data must not change
+    train_tf, val_tf, tok = transforms
+    in_process = data.get_val_data(cfg(local_shards, workers=0), val_tf, tok, rank=0, world_size=1)
+    worker = data.get_val_data(cfg(local_shards, workers=1), val_tf, tok, rank=0, world_size=1)
+    ours, theirs = epoch_batches(in_process), epoch_batches(worker)
+    assert sample_ids(ours) == sample_ids(theirs) and len(sample_ids(ours)) == 20
+    assert all((a[1] == b[1]).all() for a, b in zip(ours, theirs, strict=True))
+
+
+def test_worker_buffers_are_reused_only_when_the_trainer_let_go(local_shards, transforms):
+    train_tf, val_tf, tok = transforms
+    c = cfg(local_shards, workers=2)
+    reference = sample_ids(epoch_batches(data.get_train_data(c, val_tf, tok, rank=0, world_size=1)))
+    info = data.get_train_data(c, val_tf, tok, rank=0, world_size=1)
+    pool = info.loader.dataset.pool
+    slots = len(pool.flags)
+    assert slots == 2 * (data.PREFETCH + 3) < 12
+    # batches the trainer keeps are never written over: all 12 held at once stay as they came;
+    # the workers filled all their slots, then made fresh tensors
+    held, ids = [], []
+    for images, _ in info.loader:
+        held.append(images)
+        ids += digest(images)
+    assert ids == reference and sample_ids((h, None) for h in held) == reference
+    assert pool.pooled == slots
+    del held, images
+    # leave iterations early a few times: the slots of the batches discarded come back
+    for _ in range(4):
+        next(iter(info.loader))
+    # a trainer that drops each batch after its step gets every batch in a reused slot
+    before = pool.pooled
+    assert sample_ids(epoch_batches(info)) == reference
+    assert pool.pooled - before == 12
