@@ -17,7 +17,8 @@ import sys
 import time
 import types
 import typing
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import yaml
 

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, pushadd_to_gateway,
-                               start_http_server)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    pushadd_to_gateway,
+    start_http_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,5 +103,5 @@ class _PartialLabels:
     def labels(self, *args, **kwargs):
         if args:
             names = [n for n in self._metric._labelnames if n not in self._const]
-            kwargs.update(zip(names, args))
+            kwargs.update(zip(names, args, strict=False))  # positional args may fill fewer labels
         return self._metric.labels(**self._const, **kwargs)

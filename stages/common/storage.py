@@ -20,7 +20,8 @@ import os
 import random
 import tempfile
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
