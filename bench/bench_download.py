@@ -12,28 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from bench.common import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def environment() -> dict:
-    versions = {}
-    for name in ("img2dataset", "webdataset", "fsspec", "pyarrow", "pillow"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
-            "machine": platform.machine(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-            "python": platform.python_version(), **versions}
+DOWNLOAD_PACKAGES = ("img2dataset", "webdataset", "fsspec", "pyarrow", "pillow")
 
 
 def run_setting(url_list: str, processes: int, threads: int, images: int, workdir: str) -> dict:
@@ -76,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(results[-1]), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "download.json"
-    out.write_text(json.dumps({"benchmark": "download", "environment": environment(),
+    out.write_text(json.dumps({"benchmark": "download", "environment": environment(DOWNLOAD_PACKAGES),
                                "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

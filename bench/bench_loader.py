@@ -11,37 +11,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.common import write_result
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def environment() -> dict:
-    import open_clip
-    import PIL
-    import torch
-    import webdataset
-
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
-            "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "open_clip": open_clip.__version__, "webdataset": getattr(webdataset, "__version__", "?"),
-            "pillow": PIL.__version__, "cuda": torch.cuda.is_available()}
-
-
-def write_result(name: str, result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"benchmark": name, "environment": environment(), **result}, indent=2) + "\n")
-    return path
 
 
 def make_bench_shards(root: str, samples: int) -> list[str]:
