@@ -15,11 +15,12 @@ from stages.common import storage
 from stages.common.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+DEFAULT_MODEL = "clipforge-micro"
 _registered = False
 
 
 def register_builtin_configs() -> None:
-    """Add clipforge's tiny CPU-friendly configs (clipforge-tiny, clipforge-micro) to open_clip."""
+    """Add clipforge's small CPU-friendly configs (clipforge-micro, clipforge-demo, clipforge-tiny) to open_clip."""
     global _registered
     if not _registered:
         import open_clip
@@ -40,10 +41,11 @@ def resolve_model(model: str, model_config_uri: str = "") -> str:
     if model_config_uri:
         name = model_config_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")
         register_config(name, storage.read_json(model_config_uri))
-        if model and model != name:
+        if model and model != name:  # no --model: the file names the model
             raise ConfigError(f"--model {model!r} differs from the config file's name {name!r} "
                               f"({model_config_uri}); give one or make them agree")
         return name
+    model = model or DEFAULT_MODEL
     if model not in open_clip.list_models():
         raise ConfigError(f"--model {model!r} is not a known open_clip model; see "
                           "open_clip.list_models(), or pass --model-config URI for a custom JSON")

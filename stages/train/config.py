@@ -21,7 +21,8 @@ class TrainConfig(CommonConfig):
     """Train an open_clip model on webdataset shards (torchrun / PyTorchJob / one process)."""
 
     # model
-    model: str = _f("clipforge-micro", "open_clip model name (see open_clip.list_models())")
+    model: str = _f("", "open_clip model name (see open_clip.list_models()); default clipforge-micro, "
+                        "or the name of the --model-config file")
     model_config: str = _f("", "URI of a custom open_clip model JSON; its file stem is the model name")
     pretrained: str = _f("", "URI of weights to start from: .safetensors, or a clipforge/open_clip checkpoint")
     lock_image: bool = _f(False, "freeze the image tower (LiT)")

@@ -406,9 +406,13 @@ def _group_samples(files: Iterator[dict]) -> Iterator[dict]:
                     yield current
                 current = {"__key__": prefix}
             current[suffix.lower()] = f["data"]
-    finally:  # a shard cut off after a whole sample still yields that sample
+    except Exception:  # a shard cut off after a whole sample still yields that sample
         if current is not None:
             yield current
+        raise
+    # not in a `finally`: a consumer that stops early closes us, and a closed generator must not yield
+    if current is not None:
+        yield current
 
 
 def _reraise(exc: Exception) -> bool:

@@ -92,3 +92,17 @@ def test_weight_decay_groups_follow_open_clip_train(tmp_path):
     assert {"logit_scale", "visual.class_embedding", "ln_final.weight", "ln_final.bias"} <= no_wd
     assert "visual.conv1.weight" in wd and "text_projection" in wd
     assert not any(n.endswith(".bias") for n in wd)
+
+
+def test_model_config_alone_names_the_model(capsys, tmp_path, train_shards):
+    config = tmp_path / "my-clip.json"
+    config.write_text('{"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, '
+                      '"patch_size": 8, "head_width": 16}, "text_cfg": {"context_length": 16, '
+                      '"vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}')
+    rc = cli.main(["--root", str(tmp_path / "runs"), "--run-id", "c", "--train-data", str(train_shards),
+                   "--model-config", str(config), "--check-config"])
+    out = capsys.readouterr().out
+    assert rc == 0 and '"model": "my-clip"' in out
+    rc, err = _fails(capsys, tmp_path, "--train-data", str(train_shards), "--model-config", str(config),
+                     "--model", "clipforge-tiny")
+    assert rc == 2 and "differs from the config file's name 'my-clip'" in err

@@ -276,3 +276,31 @@ def test_worker_buffers_are_reused_only_when_the_trainer_let_go(local_shards, tr
     before = pool.pooled
     assert sample_ids(epoch_batches(info)) == reference
     assert pool.pooled - before == 12
+
+
+def test_a_sample_stream_stopped_mid_shard_closes_quietly():
+    import gc
+    import sys
+
+    members = [{"fname": f"{i:03d}.{ext}", "data": b"x"} for i in range(3) for ext in ("jpg", "txt")]
+    stream = data._group_samples(iter(members))
+    assert next(stream)["__key__"] == "000"
+    unraisable = []
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        stream.close()  # what an epoch that ends mid-shard does
+        del stream
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert unraisable == []
+
+    def cut_off():  # a truncated shard: the whole samples before the break still come out
+        yield from members[:4]
+        raise OSError("truncated tar")
+
+    got = []
+    with pytest.raises(OSError):
+        for sample in data._group_samples(cut_off()):
+            got.append(sample["__key__"])
+    assert got == ["000", "001"]
