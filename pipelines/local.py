@@ -25,7 +25,7 @@ def run_local(params: dict, outputs_dir: str = "") -> dict:
     params["root"] = _absolute(params["root"])
     params["run_id"] = params.get("run_id") or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     params["launcher"] = "local"
-    params.setdefault("procs_per_node", 1)
+    params.setdefault("procs_per_node", 2)  # the two cores of a laptop-sized machine
     if not outputs_dir:
         outputs_dir = os.path.join(params["root"] if "://" not in params["root"] else "runs", ".kfp-local")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.path.abspath(outputs_dir),

@@ -24,12 +24,12 @@ HF_SECRET = "clipforge-hf"  # optional: HF_TOKEN for --push-to-hub
 def clip_pipeline(
     root: str = "s3://clipforge/runs", run_id: str = "",
     # data
-    url_list: str = "", demo: bool = True, demo_samples: int = 2000, image_size: int = 0,
+    url_list: str = "", demo: bool = True, demo_samples: int = 4000, image_size: int = 0,
     samples_per_shard: int = 500, download_processes: int = 1, download_threads: int = 32,
     download_args: str = "",
     # model and training
-    model: str = "clipforge-micro", batch_size: int = 64, steps: int = 200, epochs: int = 1,
-    lr: float = 1e-3, warmup: int = 10, precision: str = "fp32", workers: int = 1,
+    model: str = "clipforge-demo", batch_size: int = 64, steps: int = 800, epochs: int = 1,
+    lr: float = 2e-3, warmup: int = 20, precision: str = "fp32", workers: int = 1,
     save_every_steps: int = 100, train_args: str = "",
     # where training runs
     launcher: str = "pytorchjob", nodes: int = 2, procs_per_node: int = 1, gpus_per_node: int = 0,
