@@ -8,7 +8,7 @@ from stages.download.shards import ShardStats, failures
 
 class DownloadMetrics:
     def __init__(self, run_id: str):
-        self.stage = StageMetrics("download", run_id)
+        self.stage = StageMetrics("download", run_id, const_labels={"run_id": run_id})
         m = self.stage
         self.attempted = m.counter("images_attempted_total", "Images img2dataset tried to download")
         self.succeeded = m.counter("images_succeeded_total", "Images written into shards")

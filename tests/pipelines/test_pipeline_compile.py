@@ -58,7 +58,7 @@ def test_compiled_pipeline_loads_with_kfp_and_chains_the_four_steps():
     assert source("train", "model") == ("pipeline", "model")
     assert "evaluate" in tasks["export"]["dependentTasks"]
     defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
-    assert defaults["model"] == "clipforge-micro" and defaults["demo"] is True
+    assert defaults["model"] == "clipforge-demo" and defaults["demo"] is True
     assert defaults["launcher"] == "pytorchjob"
 
 
