@@ -39,7 +39,7 @@ def open_clip_loader(shards: list[str], preprocess, tokenizer, batch_size: int, 
     import webdataset as wds
     from open_clip_train import data as oc_data
 
-    # the one fix DESIGN.md lists: webdataset >= 0.2.96 needs eof_value=None here
+    # the one fix bench/open_clip_train_ref.py also applies: webdataset >= 0.2.96 needs eof_value=None here
     oc_data.tar_file_expander = functools.partial(wds.tariterators.tar_file_expander, eof_value=None)
     args = SimpleNamespace(train_data="::".join(shards), val_data=None, dataset_resampled=False,
                            train_num_samples=samples, train_data_upsampling_factors=None, seed=0,

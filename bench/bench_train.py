@@ -1,7 +1,7 @@
 """Training throughput: clipforge's trainer vs open_clip_train 3.3.0, and clipforge's checkpoint cost.
 
 1. CPU samples/s of `python -m stages.train` and of open_clip_train (`bench/open_clip_train_ref.py`:
-   `open_clip_train.main.main(argv)` with only DESIGN.md's fixes) for clipforge-tiny (64 px shards)
+   `open_clip_train.main.main(argv)` with only the fixes listed in bench/open_clip_train_ref.py) for clipforge-tiny (64 px shards)
    and ViT-B-32 (256 px shards): same shards, batch size, fp32, DataLoader workers, steps, LR
    schedule, process count (1, or N under torchrun with gloo). Neither validates; clipforge's
    periodic checkpoints are off (it still writes one at the end, after the timed steps);

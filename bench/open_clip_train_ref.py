@@ -1,4 +1,4 @@
-"""open_clip_train 3.3.0 as the reference trainer, with only the fixes DESIGN.md lists.
+"""open_clip_train 3.3.0 as the reference trainer, with only the fixes below (needed for it to run on the pinned dependencies).
 
     python -m bench.open_clip_train_ref [--model-config JSON ...] [--logs-dir DIR] OPEN_CLIP_TRAIN_FLAGS
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SCHEMAS = REPO / "k8s" / "schemas"
 
 
 def free_port() -> int:
@@ -180,10 +180,10 @@ def flaky_s3(moto_server, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """../shared beside the repository (CI has it); a missing one is an error, not a skip."""
-    assert SHARED.is_dir(), f"{SHARED} is missing: the schema tests need ../shared beside the repo"
-    return SHARED
+def schemas_dir() -> Path:
+    """The CRD schemas vendored in k8s/schemas (see its README for where they come from)."""
+    assert SCHEMAS.is_dir(), f"{SCHEMAS} is missing"
+    return SCHEMAS
 
 
 def has_cuda() -> bool:

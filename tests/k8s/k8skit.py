@@ -42,8 +42,8 @@ def _int_or_string(node):
     return node
 
 
-def pytorchjob_schema(shared_dir: Path) -> dict:
-    crd = yaml.safe_load((shared_dir / "schemas" / "kubeflow.org_pytorchjobs.yaml").read_text())
+def pytorchjob_schema(schemas_dir: Path) -> dict:
+    crd = yaml.safe_load((schemas_dir / "kubeflow.org_pytorchjobs.yaml").read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return _int_or_string(version["schema"]["openAPIV3Schema"])
 

@@ -41,15 +41,15 @@ def test_strict_validation_rejects_an_unknown_field(built):
 
 
 @pytest.mark.parametrize("rel", DIRS)
-def test_pytorchjob_matches_crd_schema_and_webhook_rules(built, rel, shared_dir):
-    schema = pytorchjob_schema(shared_dir)
+def test_pytorchjob_matches_crd_schema_and_webhook_rules(built, rel, schemas_dir):
+    schema = pytorchjob_schema(schemas_dir)
     (job,) = [obj for obj in built[rel] if obj["kind"] == "PyTorchJob"]
     jsonschema.validate(job, schema)
     assert webhook_errors(job) == []
 
 
-def test_schema_and_webhook_checks_catch_bad_jobs(built, shared_dir):
-    schema = pytorchjob_schema(shared_dir)
+def test_schema_and_webhook_checks_catch_bad_jobs(built, schemas_dir):
+    schema = pytorchjob_schema(schemas_dir)
     (job,) = [obj for obj in built["overlays/cpu-smoke"] if obj["kind"] == "PyTorchJob"]
     bad = copy.deepcopy(job)
     bad["spec"]["runPolicy"]["backoffLimit"] = "three"

@@ -19,8 +19,8 @@ def _pipeline_job(**kw):
         "20261122-060000-Ab_C", ["--root", "s3://b/runs", "--train-data", "s3://b/runs/x/data"], **params)))
 
 
-def test_pipeline_jobs_pass_the_crd_schema_and_webhook_rules(shared_dir):
-    schema = pytorchjob_schema(shared_dir)
+def test_pipeline_jobs_pass_the_crd_schema_and_webhook_rules(schemas_dir):
+    schema = pytorchjob_schema(schemas_dir)
     for job in (_pipeline_job(), _pipeline_job(gpus_per_node=4, procs_per_node=4,
                                                gpu_node_selector="nvidia.com/gpu.present=true")):
         jsonschema.validate(job, schema)

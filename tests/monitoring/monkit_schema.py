@@ -1,4 +1,4 @@
-"""Validate custom resources against the openAPIV3Schema of their CRD in ../shared/schemas."""
+"""Validate custom resources against the openAPIV3Schema of their CRD in k8s/schemas."""
 
 from __future__ import annotations
 

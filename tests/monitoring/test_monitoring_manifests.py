@@ -28,16 +28,16 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
 
 @pytest.mark.parametrize("kind, crd", [("PodMonitor", "monitoring.coreos.com_podmonitors.yaml"),
                                        ("PrometheusRule", "monitoring.coreos.com_prometheusrules.yaml")])
-def test_custom_resources_validate_against_their_crd(built, shared_dir, kind, crd):
-    validator = crd_validator(shared_dir / "schemas" / crd)
+def test_custom_resources_validate_against_their_crd(built, schemas_dir, kind, crd):
+    validator = crd_validator(schemas_dir / crd)
     docs = by_kind(built, kind)
     assert docs, f"kustomize build has no {kind}"
     for doc in docs:
         assert errors(validator, doc) == [], doc["metadata"]["name"]
 
 
-def test_schema_check_catches_a_misspelt_field(built, shared_dir):
-    validator = crd_validator(shared_dir / "schemas" / "monitoring.coreos.com_podmonitors.yaml")
+def test_schema_check_catches_a_misspelt_field(built, schemas_dir):
+    validator = crd_validator(schemas_dir / "monitoring.coreos.com_podmonitors.yaml")
     doc = copy.deepcopy(by_kind(built, "PodMonitor")[0])
     doc["spec"]["podMetricsEndpoints"][0]["honourLabels"] = True
     doc["spec"]["podMetricsEndpoints"][0]["interval"] = "15 seconds"
