@@ -167,6 +167,9 @@ class DownloadConfig(CommonConfig):
             raise ConfigError(f"--min-success-rate {self.min_success_rate} is not between 0 and 1")
         if not 0 <= self.encode_quality <= 100:
             raise ConfigError(f"--encode-quality {self.encode_quality} is not between 0 and 100")
+        if self.encode_format == "png" and self.encode_quality > 9:
+            raise ConfigError(f"--encode-format png takes --encode-quality 0-9 (the compression level), "
+                              f"not {self.encode_quality}")
 
 
 def parse_pass_through(items: list[str]) -> dict:

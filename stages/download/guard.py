@@ -33,7 +33,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 REFUSAL_PREFIX = "fetch guard: "
 READ_CHUNK = 1 << 16
@@ -59,6 +59,7 @@ class FetchPolicy:
     allow_private_networks: bool = False
     max_bytes: int = 32 << 20
     max_seconds: float = 60.0
+    allow_addresses: frozenset[str] = frozenset()  # exact addresses let through (a known mirror)
 
 
 def address_refusal(ip: str) -> str | None:
@@ -98,7 +99,7 @@ def checked_addresses(host: str, port: int, policy: FetchPolicy,
     addresses = resolver(host, port)
     if not policy.allow_private_networks:
         for ip in addresses:
-            if reason := address_refusal(ip):
+            if ip not in policy.allow_addresses and (reason := address_refusal(ip)):
                 raise FetchRefused(reason, f"{host} resolves to a {reason.removeprefix('refused_')} "
                                            "address (--allow-private-networks lifts this)")
     return addresses
@@ -194,10 +195,18 @@ class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
 class GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
     """Redirects keep the first request's deadline; only http(s) targets are followed."""
 
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = headers.get("location") or headers.get("uri")
+        if target:
+            scheme = urlsplit(urljoin(req.full_url, target)).scheme.lower()
+            if scheme not in ("http", "https"):
+                fp.close()
+                raise FetchRefused("refused_scheme", f"redirect to a {scheme}: URL")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urlsplit(newurl).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise FetchRefused("refused_scheme", f"redirect to a {scheme or 'relative'}: URL")
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None:
             new.clipforge_deadline = getattr(req, "clipforge_deadline", None)

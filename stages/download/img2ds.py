@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 
 from stages.common import storage
+from stages.common.errors import ConfigError
 from stages.download.config import RESERVED_COLUMNS, DownloadConfig
 from stages.download.guard import FetchPolicy
 from stages.download.parts import Part
@@ -35,7 +36,7 @@ def img2dataset_options(cfg: DownloadConfig, files: list[InputFile]) -> dict:
     caption_col = cfg.caption_col if has_columns and cfg.caption_col else None
     extra = cfg.save_additional_columns or [
         c for c in files[0].columns if c not in {cfg.url_col, cfg.caption_col} | RESERVED_COLUMNS]
-    return dict(
+    opts = dict(
         input_format=files[0].input_format, url_col=cfg.url_col, caption_col=caption_col,
         save_additional_columns=(extra or None) if has_columns else None,
         bbox_col=(cfg.bbox_col or None) if has_columns else None,
@@ -53,7 +54,9 @@ def img2dataset_options(cfg: DownloadConfig, files: list[InputFile]) -> dict:
         extract_exif=cfg.extract_exif, max_shard_retry=cfg.max_shard_retry,
         distributor=cfg.distributor, enable_wandb=cfg.enable_wandb, wandb_project=cfg.wandb_project,
         upscale_interpolation="lanczos", downscale_interpolation="area", disable_all_reencoding=False,
-        subjob_size=1000, **cfg.passed_through)
+        subjob_size=1000)
+    opts.update(cfg.passed_through)
+    return opts
 
 
 def prepare_resume(data_dir: str, part: Part, single: bool) -> list[str]:
@@ -112,15 +115,10 @@ def _run(o: dict, part: Part, data_dir: str, done: set[int], digits: int, policy
                         caption_col=o["caption_col"], verify_hash_col=verify_col,
                         verify_hash_type=verify_type, save_additional_columns=extra or None,
                         number_sample_per_shard=o["number_sample_per_shard"], tmp_path=tmp)
-    resizer = Resizer(
-        image_size=o["image_size"], resize_mode=o["resize_mode"],
-        resize_only_if_bigger=o["resize_only_if_bigger"],
-        upscale_interpolation=o["upscale_interpolation"],
-        downscale_interpolation=o["downscale_interpolation"], encode_quality=o["encode_quality"],
-        encode_format=o["encode_format"], skip_reencode=o["skip_reencode"],
-        disable_all_reencoding=o["disable_all_reencoding"], min_image_size=o["min_image_size"],
-        max_image_area=o["max_image_area"], max_aspect_ratio=o["max_aspect_ratio"],
-        blurrer=BoundingBoxBlurrer() if o["bbox_col"] else None)
+    try:
+        resizer = _resizer(o, Resizer, BoundingBoxBlurrer)
+    except ValueError as exc:  # img2dataset's own checks of its options
+        raise ConfigError(f"img2dataset refused the options: {exc}") from exc
     downloader = GuardedDownloader(
         sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=o["thread_count"],
         save_caption=o["caption_col"] is not None, extract_exif=o["extract_exif"],
@@ -143,3 +141,16 @@ def _run(o: dict, part: Part, data_dir: str, done: set[int], digits: int, policy
     finally:
         if logger is not None:
             logger.join()
+
+
+def _resizer(o: dict, resizer_cls: type, blurrer_cls: type):
+    """img2dataset's Resizer (with the face blurrer when a box column is given)."""
+    return resizer_cls(
+        image_size=o["image_size"], resize_mode=o["resize_mode"],
+        resize_only_if_bigger=o["resize_only_if_bigger"],
+        upscale_interpolation=o["upscale_interpolation"],
+        downscale_interpolation=o["downscale_interpolation"], encode_quality=o["encode_quality"],
+        encode_format=o["encode_format"], skip_reencode=o["skip_reencode"],
+        disable_all_reencoding=o["disable_all_reencoding"], min_image_size=o["min_image_size"],
+        max_image_area=o["max_image_area"], max_aspect_ratio=o["max_aspect_ratio"],
+        blurrer=blurrer_cls() if o["bbox_col"] else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 from stages.common import storage
@@ -94,7 +95,7 @@ def read_part_manifests(data_dir: str, count: int) -> list[dict[str, Any]]:
                             f"{uris[0]}; every part must download the same list the same way")
     ranges = sorted(tuple(p["shard_range"]) for p in parts)
     total = sum(f["shards"] for f in first["layout"])
-    if ranges[0][0] != 0 or ranges[-1][1] != total or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+    if ranges[0][0] != 0 or ranges[-1][1] != total or any(a[1] != b[0] for a, b in pairwise(ranges)):
         raise DataError(f"the part manifests in {storage.join(data_dir, 'parts')} do not cover "
                         f"shards 0..{total - 1} exactly once")
     return parts

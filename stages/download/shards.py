@@ -58,7 +58,7 @@ def failure_reason(message: str) -> str:
     if any(s in text for s in ("connection refused", "connection reset", "urlopen error",
                                "remote end closed", "name or service not known")):
         return "connection_error"
-    if any(s in text for s in ("image too small", "image too large", "aspect ratio")):
+    if any(s in text for s in ("image too small", "area too large", "aspect ratio too large")):
         return "filtered"
     return "other"
 
