@@ -145,7 +145,10 @@ def start_download(args: list[str], env: dict) -> subprocess.Popen:
 
 
 def read_manifest(data_dir: str) -> dict:
+    """The manifest as the store has it now (another process wrote it: drop cached listings)."""
     from stages.common import storage
 
+    fs, _ = storage.filesystem(data_dir)
+    fs.invalidate_cache()
     return json.loads(storage.read_bytes(f"{data_dir}/manifest.json"))
 
