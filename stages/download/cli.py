@@ -169,12 +169,13 @@ def describe_input(files: list[InputFile], layout: list[FileShards], part: Part)
     return "\n".join(lines)
 
 
-def run_download(cfg: DownloadConfig, log: logging.Logger, metrics: DownloadMetrics,
-                 started: float) -> None:
-    with (demo_url_list(cfg, log) if cfg.demo else contextlib.nullcontext(cfg.url_list[0])) as uri:
-        entries = [uri] if cfg.demo else cfg.url_list
-        files, layout, part = check_input(cfg, entries)
-        label = f"demo:samples={cfg.demo_samples},seed={cfg.demo_seed}" if cfg.demo else input_label(entries)
+def run_download(cfg: DownloadConfig, log: logging.Logger, metrics: DownloadMetrics, started: float,
+                 checked: tuple[list[InputFile], list[FileShards], Part] | None) -> None:
+    """Download this task's part (the demo's list is made and checked here), then publish it."""
+    with (demo_url_list(cfg, log) if cfg.demo else contextlib.nullcontext()) as demo_list:
+        files, layout, part = check_input(cfg, [demo_list]) if cfg.demo else checked
+        label = (f"demo:samples={cfg.demo_samples},seed={cfg.demo_seed}" if cfg.demo
+                 else input_label(cfg.url_list))
         result = download_part(cfg, files, layout, part, log, metrics)
     evalset = storage.join(cfg.run_dir, "evalsets", "demo") if cfg.demo else None
     if part.count > 1:
@@ -208,15 +209,16 @@ def run(cfg: DownloadConfig) -> int:
     if cfg.merge_parts:
         run_merge(cfg, started)
         return 0
+    checked = None
     if not cfg.demo:  # check the list before anything else happens
-        files, layout, part = check_input(cfg, cfg.url_list)
+        checked = check_input(cfg, cfg.url_list)
         if cfg.check_input:
-            print(describe_input(files, layout, part), flush=True)
+            print(describe_input(*checked), flush=True)
             return 0
     metrics = DownloadMetrics(cfg.run_id)
     metrics.stage.serve(cfg.metrics_port, cfg.metrics_addr)
     try:
-        run_download(cfg, log, metrics, started)
+        run_download(cfg, log, metrics, started, checked)
         metrics.stage.mark_success()
     finally:
         metrics.stage.push(cfg.pushgateway)

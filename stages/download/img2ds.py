@@ -34,8 +34,10 @@ def img2dataset_options(cfg: DownloadConfig, files: list[InputFile]) -> dict:
     resume mode are clipforge's to choose."""
     has_columns = not files[0].input_format.startswith("txt")
     caption_col = cfg.caption_col if has_columns and cfg.caption_col else None
+    everywhere = set.intersection(*(set(f.columns) for f in files))  # a file may lack some
     extra = cfg.save_additional_columns or [
-        c for c in files[0].columns if c not in {cfg.url_col, cfg.caption_col} | RESERVED_COLUMNS]
+        c for c in files[0].columns
+        if c in everywhere and c not in {cfg.url_col, cfg.caption_col} | RESERVED_COLUMNS]
     opts = dict(
         input_format=files[0].input_format, url_col=cfg.url_col, caption_col=caption_col,
         save_additional_columns=(extra or None) if has_columns else None,
