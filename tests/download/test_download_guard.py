@@ -120,3 +120,10 @@ def test_guard_on_refuses_a_loopback_list_without_sending_a_request(tmp_path, im
     rejected = json.loads((data / "manifest.rejected.json").read_text())
     assert rejected["failures_by_reason"] == {"refused_loopback": 7}
     assert rejected["attempted"] == 7 and rejected["total_samples"] == 0
+
+
+def test_https_goes_through_the_same_check():
+    names = resolver({"internal.example": ["10.0.0.7"]})
+    with pytest.raises(FetchRefused) as exc:  # refused before any connection is tried
+        fetch("https://internal.example/x.png", FetchPolicy(), resolver=names)
+    assert exc.value.reason == "refused_private"
