@@ -4,7 +4,9 @@ Demo images are served on loopback; each setting (processes x threads) runs both
 alternating order, `--repeats` times, each into a fresh folder. The rate is successful images
 over the command's whole wall time (interpreter start-up, the input check, the manifest and the
 fetch guard included: everything a user waits for). The overhead is clipforge's median wall time
-over img2dataset's, minus one; the target is at most 5 %. Writes bench/results/download-<date>.json.
+over img2dataset's, minus one; the target is at most 5 %. The same is reported for the fetching
+phase alone (first shard start to last shard end, from img2dataset's per-shard stats), where
+start-up costs drop out and the fetch guard's cost shows. Writes bench/results/download-<date>.json.
 
     python -m bench.bench_download [--images 3000] [--settings 1x16 2x16] [--repeats 3]
 """
@@ -26,16 +28,16 @@ from bench.common import REPO, write_result
 DOWNLOAD_PACKAGES = ("img2dataset", "webdataset", "fsspec", "pyarrow", "pillow")
 IMAGE_SIZE, PER_SHARD = 64, 500
 
-BARE = """
+BARE = f"""
 import sys
 from img2dataset import download
 download(url_list=sys.argv[1], output_folder=sys.argv[2], processes_count=int(sys.argv[3]),
-         thread_count=int(sys.argv[4]), image_size={size}, resize_mode="border", encode_format="jpg",
-         encode_quality=95, number_sample_per_shard={per_shard}, output_format="webdataset",
+         thread_count=int(sys.argv[4]), image_size={IMAGE_SIZE}, resize_mode="border", encode_format="jpg",
+         encode_quality=95, number_sample_per_shard={PER_SHARD}, output_format="webdataset",
          input_format="parquet", url_col="url", caption_col="caption",
          save_additional_columns=["label", "classname"], timeout=10, retries=0,
          compute_hash="sha256", extract_exif=True, incremental_mode="incremental", enable_wandb=False)
-""".format(size=IMAGE_SIZE, per_shard=PER_SHARD)
+"""
 
 
 def _env() -> dict:
@@ -65,25 +67,35 @@ def run_bare(url_list: str, out: str, processes: int, threads: int) -> float:
                    str(threads)])
 
 
-def count_images(data_dir: Path) -> int:
-    return sum(json.loads(p.read_text())["successes"] for p in data_dir.glob("*_stats.json"))
+def shard_stats(data_dir: Path) -> tuple[int, float]:
+    """(images, seconds from the first shard's start to the last shard's end), from img2dataset's
+    own per-shard stats: the fetching phase alone, the same measure for both commands."""
+    stats = [json.loads(p.read_text()) for p in data_dir.glob("*_stats.json")]
+    span = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
+    return sum(s["successes"] for s in stats), span
 
 
 def run_setting(url_list: str, processes: int, threads: int, images: int, repeats: int, tmp: str) -> dict:
     walls: dict[str, list[float]] = {"clipforge": [], "img2dataset": []}
+    fetching: dict[str, list[float]] = {"clipforge": [], "img2dataset": []}
     runners = {"clipforge": run_clipforge, "img2dataset": run_bare}
     for r in range(repeats):
         order = ["clipforge", "img2dataset"] if r % 2 == 0 else ["img2dataset", "clipforge"]
         for name in order:
             out = os.path.join(tmp, f"{name}-{processes}x{threads}-{r}")
             walls[name].append(runners[name](url_list, out, processes, threads))
-            got = count_images(Path(out, "data"))
+            got, span = shard_stats(Path(out, "data"))
             assert got == images, f"{name} downloaded {got} of {images} images"
+            fetching[name].append(span)
     med = {name: statistics.median(w) for name, w in walls.items()}
+    fetch_med = {name: statistics.median(w) for name, w in fetching.items()}
     return {"processes": processes, "threads": threads, "images": images, "repeats": repeats,
             "wall_s": {k: [round(x, 2) for x in v] for k, v in walls.items()},
             "images_per_s": {k: round(images / m, 1) for k, m in med.items()},
-            "overhead": round(med["clipforge"] / med["img2dataset"] - 1, 4)}
+            "overhead": round(med["clipforge"] / med["img2dataset"] - 1, 4),
+            "fetching_s": {k: [round(x, 2) for x in v] for k, v in fetching.items()},
+            "images_per_s_fetching": {k: round(images / m, 1) for k, m in fetch_med.items()},
+            "overhead_fetching": round(fetch_med["clipforge"] / fetch_med["img2dataset"] - 1, 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             processes, threads = (int(x) for x in setting.split("x"))
             results.append(run_setting(url_list, processes, threads, args.images, args.repeats, tmp))
             print(json.dumps(results[-1]), flush=True)
-    worst = max(r["overhead"] for r in results)
+    worst = max(max(r["overhead"], r["overhead_fetching"]) for r in results)
     path = write_result("download", {"target_overhead": 0.05, "worst_overhead": worst,
                                      "meets_target": worst <= 0.05, "results": results},
                         DOWNLOAD_PACKAGES)
