@@ -9,9 +9,8 @@ from kubernetes import client as k8s
 from pipelines import podspec
 from pipelines.images import image
 
-# Each download pod finds its slice through this variable; `$(SHARD_INDEX)` in its args expands to it.
-INDEX_ENV = "SHARD_INDEX"
-INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+# Kubernetes gives each pod of an Indexed Job its index as JOB_COMPLETION_INDEX; the download stage's
+# `--part-index auto` reads it, so each pod takes its own part of the one URL list.
 
 
 @dataclasses.dataclass
@@ -44,11 +43,7 @@ def command(job: BatchJob) -> list[str]:
 
 
 def _env(job: BatchJob) -> list[k8s.V1EnvVar]:
-    env = [k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")]
-    if job.indexed:
-        env.append(k8s.V1EnvVar(name=INDEX_ENV, value_from=k8s.V1EnvVarSource(
-            field_ref=k8s.V1ObjectFieldSelector(field_path=INDEX_ANNOTATION))))
-    return env
+    return [k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")]
 
 
 def _pod(job: BatchJob) -> k8s.V1PodTemplateSpec:

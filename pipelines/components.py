@@ -34,12 +34,14 @@ def plan(root: str, run_id: str, demo: bool, url_list: str, download_tasks: int,
     return outputs(run_id or time.strftime("%Y%m%d-%H%M%S", time.gmtime()), procs, 1 if gpus_per_node else 0)
 
 
-def download_parts(num_parts: int) -> list:
-    """The part indices the download fans out over (its own step: a loop iterates one output)."""
-    return [str(i) for i in range(num_parts)]
+def download_parts(root: str, run_id: str, num_parts: int, options: dict, extra_args: str) -> list:
+    """One work item per download task. Each item carries all its task needs: inside a loop, a
+    step reads only the loop item (kfp.local resolves other inputs there wrongly)."""
+    return [{"root": root, "run_id": run_id, "num_parts": num_parts, "part_index": str(i), "options": options,
+             "extra_args": extra_args} for i in range(num_parts)]
 
 
-def download(root: str, run_id: str, part_index: str, num_parts: int, options: dict, extra_args: str) -> str:
+def download(part: dict) -> str:
     """img2dataset on one part of the URL list into {root}/{run_id}/data; returns the part's index."""
     import shlex
     import subprocess
@@ -48,10 +50,11 @@ def download(root: str, run_id: str, part_index: str, num_parts: int, options: d
     from pipelines.stage_args import download_argv
 
     cmd = [sys.executable, "-m", "stages.download",
-           *download_argv(root, run_id, options, extra_args, num_parts=num_parts, part_index=part_index)]
+           *download_argv(part["root"], part["run_id"], part["options"], part["extra_args"],
+                          num_parts=part["num_parts"], part_index=part["part_index"])]
     print("running:", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    return part_index
+    return part["part_index"]
 
 
 def merge_downloads(root: str, run_id: str, num_parts: int, parts: list, demo: bool
@@ -101,6 +104,8 @@ def evaluate(root: str, run_id: str, checkpoint: str, eval_data: str, demo_eval:
     print("running:", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     results_uri = argv[argv.index("--output") + 1]
+    if "--check-config" in argv:  # the stage only validated its command: there are no results
+        return results_uri
     results = read_json(results_uri)
     for name, value in numeric_metrics(results).items():
         metrics.log_metric(name, value)
@@ -124,6 +129,8 @@ def export(root: str, run_id: str, checkpoint: str, options: dict, extra_args: s
     print("running:", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     output = argv[argv.index("--output") + 1]
+    if "--check-config" in argv:  # validated only: nothing was exported
+        return output
     model.uri = output  # lineage points at the exported folder itself, not a copy of it
     model.metadata.update(model_metadata(output, checkpoint, options.get("push_to_hub") or ""))
     return output

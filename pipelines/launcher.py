@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ from collections.abc import Callable
 
 from pipelines.launch_policy import check_launch, procs_for
 from pipelines.pytorchjob import METRICS_PORT, TrainJob, build_pytorchjob
+from pipelines.stage_args import plain
 
 DEADLINE_SLACK_S = 300  # lets the operator report DeadlineExceeded itself before we give up
 API_OUTAGE_S = 900  # a control-plane upgrade takes minutes; longer than this in a row fails the step
@@ -75,16 +77,21 @@ def cluster_train_job(run_id: str, train_args: list[str], gpus_per_node: int = 0
 
 def launch_training(launcher: str, run_id: str, train_args: list[str], job: dict) -> None:
     """The train step's body: `job` holds TrainJob fields and the Launch policies, by name."""
-    job = dict(job)
+    job = {k: _node_selector(v) if k == "node_selector" else plain(v) for k, v in job.items()}
     launch = Launch(**{k: job.pop(k) for k in LAUNCH_KEYS if k in job})
     check_launch(launcher, launch.cleanup, launch.on_existing)
     job["procs_per_node"] = procs_for(job.get("gpus_per_node", 0), job.get("procs_per_node", 0))
     if launcher == "local":
         run_torchrun_local(train_args, nproc=job["procs_per_node"])
         return
-    ints = {"nodes", "gpus_per_node", "active_deadline_s"}
-    fields = {k: (int(v) if k in ints else v) for k, v in job.items()}
+    text = {"cpu", "memory", "shm_size"}  # "2" CPUs stays a quantity string
+    fields = {k: (str(v) if k in text else v) for k, v in job.items()}
     run_pytorchjob(cluster_train_job(run_id, train_args, **fields), launch, owner=step_pod_owner())
+
+
+def _node_selector(value) -> dict[str, str]:
+    """The one node-selector format is a dict of labels; kfp may hand a nested dict over as JSON."""
+    return json.loads(value) if isinstance(value, str) else dict(value or {})
 
 
 def wait_seconds(job: TrainJob) -> int:

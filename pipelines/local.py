@@ -40,11 +40,16 @@ def run_local(params: dict, outputs_dir: str = "") -> dict:
         outputs_dir = os.path.join(params["root"] if "://" not in params["root"] else "runs", ".kfp-local")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.path.abspath(outputs_dir),
                raise_on_error=True)
-    build_pipeline()(**params)
+    outputs = build_pipeline()(**params).outputs
     run_dir = f"{params['root'].rstrip('/')}/{params['run_id']}"
-    return {"run_dir": run_dir, "results": f"{run_dir}/eval/results.json", "export": f"{run_dir}/export"}
+    return {"run_dir": run_dir, "results": f"{run_dir}/eval/results.json", "export": f"{run_dir}/export",
+            "metrics": outputs["metrics"], "eval_table": outputs["eval_table"], "model": outputs["model"]}
 
 
 def report(uris: dict) -> str:
+    """The eval table, the export folder and the run's KFP artifacts (what the KFP UI would show)."""
+    model, metrics = uris["model"], uris["metrics"]
+    artifacts = (f"artifacts:\n  Metrics  {metrics.uri} ({len(metrics.metadata)} values)\n"
+                 f"  Markdown {uris['eval_table'].uri}\n  Model    {model.uri}")
     return "\n\n".join([f"run: {uris['run_dir']}", eval_table(read_json(uris["results"])),
-                        export_listing(uris["export"])])
+                         export_listing(uris["export"]), artifacts])

@@ -8,9 +8,11 @@ the train step's cluster settings as a dict keyed by `TrainJob`'s fields.
 """
 
 import dataclasses
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp import kubernetes as kfk
+from kfp.dsl import Markdown, Metrics, Model
 
 from pipelines import podspec
 from pipelines.components import make_components
@@ -21,7 +23,12 @@ S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_CONFIG_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "PUSHGATEWAY_URL")
 DESCRIPTION = "Download, train, evaluate and export an OpenCLIP model"
 HF_SECRET = "clipforge-hf"  # optional: HF_TOKEN for --push-to-hub
-POD_ENV = {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid"}  # the train step owns its PyTorchJob
+# the train step's pod owns its PyTorchJob when both share a namespace
+POD_ENV = {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid", "POD_NAMESPACE": "metadata.namespace"}
+class Outputs(NamedTuple):
+    metrics: Metrics
+    eval_table: Markdown
+    model: Model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +75,7 @@ def build_pipeline(registry: str = "", tag: str = "", image_pull_policy: str = "
         # eval and export
         eval_data: str = "", eval_batch_size: int = 256, eval_args: str = "",
         push_to_hub: str = "", export_args: str = "",
-    ):
+    ) -> Outputs:
         """Download, train, evaluate and export an OpenCLIP model.
 
         Args:
@@ -93,13 +100,13 @@ def build_pipeline(registry: str = "", tag: str = "", image_pull_policy: str = "
                               download_tasks=download_tasks, launcher=launcher, gpus_per_node=gpus_per_node,
                               procs_per_node=procs_per_node, cleanup=cleanup, on_existing=on_existing)
         the_run = planned.outputs["run_id"]
-        parts = ops["download_parts"](num_parts=download_tasks).after(planned)
+        parts = ops["download_parts"](
+            root=root, run_id=the_run, num_parts=download_tasks, extra_args=download_args,
+            options={"url_list": url_list, "demo": demo, "demo_samples": demo_samples, "image_size": image_size,
+                     "samples_per_shard": samples_per_shard, "processes": download_processes,
+                     "threads": download_threads})
         with dsl.ParallelFor(parts.output) as part:
-            data = ops["download"](
-                root=root, run_id=the_run, part_index=part, num_parts=download_tasks, extra_args=download_args,
-                options={"url_list": url_list, "demo": demo, "demo_samples": demo_samples,
-                         "image_size": image_size, "samples_per_shard": samples_per_shard,
-                         "processes": download_processes, "threads": download_threads})
+            data = ops["download"](part=part)
         merged = ops["merge_downloads"](root=root, run_id=the_run, num_parts=download_tasks,
                                         parts=dsl.Collected(data.output), demo=demo)
         trained = ops["train"](
@@ -136,6 +143,7 @@ def build_pipeline(registry: str = "", tag: str = "", image_pull_policy: str = "
         kfk.add_toleration(evaluated, key=podspec.GPU_RESOURCE, operator="Exists", effect="NoSchedule")
         for key, value in gpu_nodes.items():
             kfk.add_node_selector(evaluated, label_key=key, label_value=value)
+        return Outputs(evaluated.outputs["metrics"], evaluated.outputs["table"], exported.outputs["model"])
 
     return clip_pipeline
 

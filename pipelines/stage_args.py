@@ -8,13 +8,26 @@ stage default applies), `True` is a bare flag, `False` is left out.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping
+
+
+def plain(value):
+    """A value as the step received it inside a dict input: kfp substitutes pipeline parameters
+    into a dict as text (`"true"`, `"300.0"`), so booleans and whole numbers are read back here."""
+    if isinstance(value, str):
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if re.fullmatch(r"-?[0-9]+(\.0+)?", value):
+            return int(float(value))
+    return value
 
 
 def flags(options: Mapping) -> list[str]:
     out: list[str] = []
     for name, value in options.items():
+        value = plain(value)
         if value is None or value == "" or value is False:
             continue
         flag = "--" + name.replace("_", "-")
@@ -45,15 +58,20 @@ def run_dir(root: str, run_id: str) -> str:
 def download_argv(root: str, run_id: str, options: Mapping, extra_args: str = "",
                   num_parts: int = 1, part_index: int | str | None = None) -> list[str]:
     """`--image-size 0` and the demo's sample count without `--demo` mean the stage default."""
-    opts = dict(options)
+    opts = {k: plain(v) for k, v in options.items()}
     if not opts.get("image_size"):
         opts.pop("image_size", None)
     if not opts.get("demo"):
         opts.pop("demo_samples", None)
     else:
         opts.pop("url_list", None)
-    parts = {"num_parts": num_parts, "part_index": part_index} if int(num_parts) > 1 else {}
+    parts = {"num_parts": num_parts, "part_index": part_index} if plain(str(num_parts)) > 1 else {}
     return ["--root", root, "--run-id", run_id, *flags(opts), *flags(parts), *extra(extra_args)]
+
+
+def part_manifest(index: int, num_parts: int) -> str:
+    """Where download part `index` leaves its manifest, relative to the run's data/ folder."""
+    return f"parts/part-{index:05d}-of-{num_parts:05d}.json"
 
 
 def merge_argv(root: str, run_id: str, num_parts: int) -> list[str]:
@@ -62,7 +80,7 @@ def merge_argv(root: str, run_id: str, num_parts: int) -> list[str]:
 
 def train_argv(root: str, run_id: str, train_data: str, options: Mapping, extra_args: str = "") -> list[str]:
     """`steps` > 0 wins over `epochs`; every run resumes from its LATEST checkpoint when there is one."""
-    opts = dict(options)
+    opts = {k: plain(v) for k, v in options.items()}
     if float(opts.get("steps") or 0) > 0:
         opts.pop("epochs", None)
     else:

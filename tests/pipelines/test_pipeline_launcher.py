@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s
 
+from pipelines.launch_policy import procs_for
 from pipelines.launcher import (
     DEADLINE_SLACK_S,
     Launch,
@@ -28,7 +29,6 @@ from pipelines.launcher import (
     torchrun_command,
     wait_seconds,
 )
-from pipelines.launch_policy import procs_for
 from pipelines.pytorchjob import TrainJob, build_pytorchjob
 from tests.pipelines.k8s_standin import StandInApiServer
 
