@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stages.common.metrics import StageMetrics
-from stages.download.shards import ShardStats, failures
+from stages.download.shards import ShardStats
 
 
 class DownloadMetrics:
@@ -22,7 +22,7 @@ class DownloadMetrics:
     def add_shard(self, stats: ShardStats, tar_bytes: int) -> None:
         self.attempted.inc(stats.attempted)
         self.succeeded.inc(stats.succeeded)
-        for reason, n in failures(stats).items():
+        for reason, n in stats.failures.items():
             self.failed.labels(reason=reason).inc(n)
         self.bytes.inc(tar_bytes)
         self.shards.inc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 
 from stages.common.logs import progress
 from stages.download import shards
@@ -14,8 +14,10 @@ class ShardWatcher:
     """A thread that polls the data folder for new `_stats.json` files and reports each once."""
 
     def __init__(self, data_dir: str, total_shards: int, seen: set[int],
-                 on_shard: Callable[[int, str], None], log: logging.Logger, poll_s: float = 1.0):
+                 on_shard: Callable[[int, str], None], log: logging.Logger, poll_s: float = 1.0,
+                 owned: Container[int] | None = None):
         self.data_dir, self.total, self.seen = data_dir, total_shards, set(seen)
+        self.owned = owned  # other parts' shards in the same folder are not ours to report
         self.on_shard, self.log, self.poll_s = on_shard, log, poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shard-watcher", daemon=True)
@@ -36,7 +38,8 @@ class ShardWatcher:
             except Exception as exc:  # noqa: BLE001 - a failed poll only delays the display
                 self.log.debug("polling %s: %s", self.data_dir, exc)
                 found = {}
-            for shard_id in sorted(set(found) - self.seen):
+            mine = (s for s in found if self.owned is None or s in self.owned)
+            for shard_id in sorted(set(mine) - self.seen):
                 self.seen.add(shard_id)
                 yield shard_id, found[shard_id]
             if stopping:

@@ -9,6 +9,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -23,6 +24,20 @@ def png(i: int, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
+def checkerboard(size: int = 64, cell: int = 2) -> Image.Image:
+    """Sharp detail everywhere, so a blur shows wherever it was applied."""
+    img = Image.new("RGB", (size, size))
+    img.putdata([(255, 255, 255) if (x // cell + y // cell) % 2 else (0, 0, 0)
+                 for y in range(size) for x in range(size)])
+    return img
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 class Handler(BaseHTTPRequestHandler):
     server: LoopbackImages
 
@@ -33,7 +48,18 @@ class Handler(BaseHTTPRequestHandler):
             srv.hits[path] += 1
         if path.startswith("/slow/"):
             time.sleep(srv.slow_s)
-        if path.startswith("/img/") or path.startswith("/delayed/"):
+        if path.startswith("/redirect/"):  # /redirect/<url-encoded target>
+            self.send_response(302)
+            self.send_header("Location", urllib.parse.unquote(path.removeprefix("/redirect/")))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if path.startswith("/big/") or path.startswith("/drip/"):
+            self._stream(path)
+            return
+        if path.startswith("/face.png"):
+            body, ctype = png_bytes(checkerboard()), "image/png"
+        elif path.startswith("/img/") or path.startswith("/delayed/"):
             if path.startswith("/delayed/"):
                 time.sleep(srv.delay_s)
             body, ctype = png(int(path.rsplit("/", 1)[-1].split(".")[0])), "image/png"
@@ -51,6 +77,24 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
         except OSError:  # the client gave up (timeout test, killed download)
+            pass
+
+    def _stream(self, path: str) -> None:
+        """/big/<n>: n bytes, no Content-Length (chunked); /drip/<s>: a byte every 0.1 s for s seconds."""
+        n = int(path.rsplit("/", 1)[-1])
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunks = [b"x" * 65536] * (n // 65536) if path.startswith("/big/") else [b"x"] * (n * 10)
+            for chunk in chunks:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                if path.startswith("/drip/"):
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client gave up, as the caps make it
             pass
 
     def log_message(self, *args) -> None:

@@ -37,8 +37,8 @@ def run_args(tmp_path):
     ("urls.jsonl", b'{"url": "http://x/1.png"\n', "could not be read as jsonl"),
     ("urls.csv", b"link,caption\nhttp://x/1.png,a\n", "no column 'url' (--url-col)"),
     ("urls.tsv", b"url\tcaption\n", "is empty"),
-    ("urls.txt", b"http://x/1.png\nftp://x/2.png\n/local/3.png\n", "2 of 3 URLs are not http(s)"),
-    ("urls.txt.gz", gzip.compress(b"file:///etc/passwd\n"), "1 of 1 URLs are not http(s)"),
+    ("urls.txt", b"http://x/1.png\nftp://x/2.png\n/local/3.png\n", "2 of the first 3 URLs are not http(s)"),
+    ("urls.txt.gz", gzip.compress(b"file:///etc/passwd\n"), "1 of the first 1 URLs are not http(s)"),
 ])
 def test_bad_url_lists(tmp_path, run_args, capsys, name, content, message):
     path = tmp_path / name

@@ -54,7 +54,8 @@ def check_manifest(manifest: dict) -> None:
 
 
 ARGS = ["--samples-per-shard", "4", "--timeout", "1", "--processes", "1", "--threads", "4",
-        "--image-size", "32", "--split-proportions", "train=0.5,val=0.5", "--split-seed", "3"]
+        "--image-size", "32", "--split-proportions", "train=0.5,val=0.5", "--split-seed", "3",
+        "--allow-private-networks"]
 
 
 def test_local_download_counts_failures_and_resumes_nothing(tmp_path, image_server, cli_env):
@@ -77,9 +78,12 @@ def test_local_download_counts_failures_and_resumes_nothing(tmp_path, image_serv
                          "--min-success-rate", "0.9", *ARGS], cli_env)
     assert proc.returncode == 3
     assert "below --min-success-rate 90.0%" in proc.stderr
+    assert "no manifest.json was published" in proc.stderr
     assert sum(image_server.hits.values()) == hits
-    again = read_manifest(str(root / "r1" / "data"))
-    assert again["splits"] == manifest["splits"]
+    data = root / "r1" / "data"
+    assert not (data / "manifest.json").exists(), "a failed gate must leave no manifest to train on"
+    rejected = json.loads((data / "manifest.rejected.json").read_text())
+    assert rejected["splits"] == manifest["splits"] and "below --min-success-rate" in rejected["rejected"]
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ def test_kill_and_rerun_completes_without_redoing_shards(tmp_path, cli_env):
         data = tmp_path / "runs" / "k" / "data"
         args = ["--url-list", str(urls), "--root", str(tmp_path / "runs"), "--run-id", "k",
                 "--samples-per-shard", str(PER_SHARD), "--processes", "1", "--threads", "2",
-                "--image-size", "32"]
+                "--image-size", "32", "--allow-private-networks"]
         port = free_port()
         proc = start_download([*args, "--metrics-port", str(port)], cli_env)
         try:
