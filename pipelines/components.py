@@ -27,6 +27,10 @@ def plan(root: str, run_id: str, demo: bool, url_list: str, download_tasks: int,
         raise ValueError(f"url_list={url_list!r}, demo={demo}: give a URL list, or demo=true without one")
     if download_tasks < 1:
         raise ValueError(f"download_tasks={download_tasks}: need at least 1")
+    if demo and download_tasks > 1:  # each task would serve the demo from its own loopback server
+        raise ValueError(f"download_tasks={download_tasks} with demo=true: the demo downloads in one task; "
+                         "for a split download, serve the demo set (python -m stages.download.demo "
+                         "--serve) and give its urls.parquet as url_list")
     check_launch(launcher, cleanup, on_existing)
     procs = procs_for(gpus_per_node, procs_per_node)
     print(f"root={root} run_id={run_id or '(new)'} download_tasks={download_tasks} procs_per_node={procs}")

@@ -10,7 +10,7 @@ import dataclasses
 
 from pipelines.batchjobs import BatchJob
 from pipelines.pytorchjob import METRICS_PORT, TrainJob
-from pipelines.stage_args import download_argv, evaluate_argv, part_manifest, train_argv
+from pipelines.stage_args import download_argv, evaluate_argv, merge_argv, train_argv
 
 NAMESPACE = "clipforge"
 ROOT = "s3://clipforge/runs"
@@ -32,17 +32,16 @@ def _run(run_id: str) -> str:
 
 def _download(run_id: str, parts: int, options: dict, **kw) -> BatchJob:
     """An Indexed Job of `parts` pods; pod i downloads part i of the one URL list into {run}/data
-    (`--part-index auto` reads the index Kubernetes gives each pod)."""
+    (`--part-index auto` reads the index Kubernetes gives each pod), and the last one to finish
+    merges the parts' manifests into {run}/data/manifest.json."""
     args = download_argv(ROOT, run_id, options, num_parts=parts, part_index="auto")
+    merge = merge_argv(ROOT, run_id, parts) if parts > 1 else []
     return BatchJob(stage="download", name="clipforge-download", namespace=NAMESPACE, args=args,
-                    completions=parts, **kw)
+                    completions=parts, merge_args=merge, **kw)
 
 
 def _data(run_id: str, parts: int) -> str:
-    """The parts' manifests, '::'-joined: the trainer reads them without a merge step."""
-    if parts == 1:
-        return f"{_run(run_id)}/data"
-    return "::".join(f"{_run(run_id)}/data/{part_manifest(i, parts)}" for i in range(parts))
+    return f"{_run(run_id)}/data"
 
 
 def _train_args(run_id: str, parts: int, extra: list[str]) -> list[str]:
@@ -51,7 +50,7 @@ def _train_args(run_id: str, parts: int, extra: list[str]) -> list[str]:
 
 def _evaluate(run_id: str, eval_data: str, parts: int, **kw) -> BatchJob:
     args = evaluate_argv(ROOT, run_id, f"{_run(run_id)}/checkpoints/LATEST", [eval_data],
-                         _data(run_id, parts).split("::")[0], {})
+                         _data(run_id, parts), {})
     return BatchJob(stage="evaluate", name="clipforge-evaluate", namespace=NAMESPACE, args=args, **kw)
 
 

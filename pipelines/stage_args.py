@@ -69,11 +69,6 @@ def download_argv(root: str, run_id: str, options: Mapping, extra_args: str = ""
     return ["--root", root, "--run-id", run_id, *flags(opts), *flags(parts), *extra(extra_args)]
 
 
-def part_manifest(index: int, num_parts: int) -> str:
-    """Where download part `index` leaves its manifest, relative to the run's data/ folder."""
-    return f"parts/part-{index:05d}-of-{num_parts:05d}.json"
-
-
 def merge_argv(root: str, run_id: str, num_parts: int) -> list[str]:
     return ["--root", root, "--run-id", run_id, "--merge-parts", _number(num_parts)]
 

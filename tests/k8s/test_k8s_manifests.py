@@ -94,10 +94,11 @@ def test_download_is_an_indexed_job_whose_pods_split_one_url_list(built):
     assert argv[argv.index("--url-list") + 1] == "s3://clipforge/input/urls.parquet"  # not pre-split
     assert argv[argv.index("--num-parts") + 1] == "4"
     assert argv[argv.index("--part-index") + 1] == "auto"  # JOB_COMPLETION_INDEX, set by Kubernetes
+    # then every pod tries the merge; it succeeds in the last one to finish
+    assert argv[:2] == ["sh", "-c"] and "--merge-parts 4; rc=$?" in argv[2]
     (train,) = [o for o in built["base"] if o["kind"] == "PyTorchJob"]
     train_argv = train["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
-    assert train_argv[train_argv.index("--train-data") + 1] == "::".join(
-        f"s3://clipforge/runs/example/data/parts/part-{i:05d}-of-00004.json" for i in range(4))
+    assert train_argv[train_argv.index("--train-data") + 1] == "s3://clipforge/runs/example/data"
 
 
 def test_gpu_overlay_queues_gang_schedules_and_ships_its_priority_class(built):

@@ -120,6 +120,7 @@ def test_no_step_reuses_cached_outputs():
     (dict(demo=False, url_list=""), "give a URL list"),
     (dict(gpus_per_node=8, procs_per_node=4), "procs_per_node=4 but gpus_per_node=8"),
     (dict(download_tasks=0), "download_tasks=0"),
+    (dict(download_tasks=3), "download_tasks=3 with demo=true"),
     (dict(cleanup="sometimes"), "cleanup='sometimes': one of always, on-success, never"),
     (dict(on_existing="ignore"), "on_existing='ignore'"),
 ])
