@@ -9,9 +9,8 @@ from kubernetes import client as k8s
 from pipelines import podspec
 from pipelines.images import image
 
-# Each download pod finds its slice through this variable; `$(SHARD_INDEX)` in its args expands to it.
-INDEX_ENV = "SHARD_INDEX"
-INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+# Kubernetes gives each pod of an Indexed Job its index as JOB_COMPLETION_INDEX; the download stage's
+# `--part-index auto` reads it, so each pod takes its own part of the one URL list.
 
 
 @dataclasses.dataclass
@@ -33,22 +32,29 @@ class BatchJob:
     active_deadline_s: int = 12 * 3600
     ttl_s: int = 24 * 3600
     node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
+    # download: run after the stage in every pod; `--merge-parts` exits 3 while other parts are
+    # still running, so the last pod to finish publishes the run's one manifest.json
+    merge_args: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def indexed(self) -> bool:
         return self.stage == "download"
 
 
+PARTS_NOT_DONE = 3  # the download stage's exit status for a merge of unfinished parts
+
+
 def command(job: BatchJob) -> list[str]:
-    return ["python", "-m", f"stages.{job.stage}", *job.args]
+    if not job.merge_args:
+        return ["python", "-m", f"stages.{job.stage}", *job.args]
+    merge = " ".join(job.merge_args)
+    script = (f'python -m stages.{job.stage} "$@" && {{ python -m stages.{job.stage} {merge}; rc=$?; '
+              f'[ $rc -eq 0 ] || [ $rc -eq {PARTS_NOT_DONE} ]; }}')
+    return ["sh", "-c", script, job.stage, *job.args]
 
 
 def _env(job: BatchJob) -> list[k8s.V1EnvVar]:
-    env = [k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")]
-    if job.indexed:
-        env.append(k8s.V1EnvVar(name=INDEX_ENV, value_from=k8s.V1EnvVarSource(
-            field_ref=k8s.V1ObjectFieldSelector(field_path=INDEX_ANNOTATION))))
-    return env
+    return [k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")]
 
 
 def _pod(job: BatchJob) -> k8s.V1PodTemplateSpec:

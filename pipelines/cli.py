@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipelines.images import DEFAULT_REGISTRY, DEFAULT_TAG
+from pipelines.local import DEMO_DEFAULTS
 from pipelines.params import add_param_flags, given_params
 
 DEFAULT_OUTPUT = "pipelines/clip_pipeline.yaml"
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--kfp-namespace", default=None,
                         help="Kubeflow profile namespace of the run (multi-user installs)")
     submit.add_argument("--cache", action="store_true",
-                        help="let KFP reuse cached step results (off: a rerun trains again)")
+                        help="let KFP reuse cached step results for every step, overriding the compiled "
+                             "pipeline, where no step is cached (a rerun would then hand back old outputs)")
     _image_flags(submit)
     add_param_flags(submit)
     run = sub.add_parser("run", help="run the whole pipeline on this machine through kfp.local")
@@ -46,13 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run here (kfp.local SubprocessRunner, torchrun instead of a PyTorchJob)")
     run.add_argument("--local-outputs", default="",
                      help="kfp.local's pipeline root (default: {root}/.kfp-local)")
-    add_param_flags(run)
+    add_param_flags(run, defaults=DEMO_DEFAULTS)
     render = sub.add_parser("render-k8s", help="rewrite k8s/ from pipelines/presets.py")
     render.add_argument("--check", action="store_true", help="only report whether k8s/ is up to date")
     return parser
 
 
 def _selector(pairs: list[str]) -> dict[str, str]:
+    """KEY=VALUE flags into the one node-selector format, a dict of labels."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -83,7 +86,7 @@ def _submit(args) -> int:
         result = client.create_run_from_pipeline_package(
             package, arguments=given_params(args), experiment_name=args.experiment,
             run_name=args.run_name or None, service_account=args.service_account,
-            namespace=args.kfp_namespace, enable_caching=args.cache)
+            namespace=args.kfp_namespace, enable_caching=True if args.cache else None)
     print(f"submitted run {result.run_id} to {args.host} (experiment {args.experiment})")
     return 0
 

@@ -51,3 +51,11 @@ def s3_settings(ns: str) -> list:
               "AWS_DEFAULT_REGION": "us-east-1",
               "PUSHGATEWAY_URL": "http://clipforge-pushgateway:9091"})
     return [secret, config]
+
+
+def priority_class(name: str, value: int = 1000) -> k8s.V1PriorityClass:
+    """Training pods' priority; preemption off, so a queued job never evicts running work."""
+    return k8s.V1PriorityClass(
+        api_version="scheduling.k8s.io/v1", kind="PriorityClass", metadata=k8s.V1ObjectMeta(
+            name=name, labels=dict(_LABELS)), value=value, preemption_policy="Never", global_default=False,
+        description="clipforge training jobs")

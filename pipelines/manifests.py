@@ -69,11 +69,18 @@ def overlay_files(name: str) -> dict[str, str]:
         for stem, obj in workloads(name).items()}
 
 
+def _priority_classes(name: str) -> dict[str, str]:
+    """A preset's PriorityClass ships with its overlay: pods naming a missing one are rejected."""
+    wanted = PRESETS[name]().train.priority_class
+    return {"priorityclass.yaml": _dump([to_dict(cluster.priority_class(wanted))])} if wanted else {}
+
+
 def rendered() -> dict[Path, str]:
     """Every generated file under k8s/, by path relative to k8s/."""
     out = {Path("base") / name: text for name, text in base_files().items()}
     for overlay in OVERLAYS:
-        out.update({Path("overlays") / overlay / name: text for name, text in overlay_files(overlay).items()})
+        files = {**overlay_files(overlay), **_priority_classes(overlay)}
+        out.update({Path("overlays") / overlay / name: text for name, text in files.items()})
     return out
 
 

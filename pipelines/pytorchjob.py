@@ -19,6 +19,7 @@ from pipelines.images import image
 API_VERSION = "kubeflow.org/v1"
 CONTAINER = "pytorch"  # the operator only wires up the container of this name
 METRICS_PORT = 9090
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -45,6 +46,9 @@ class TrainJob:
     clean_pod_policy: str = "Running"  # what the operator deletes when the job ends
     node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
     run_id: str = ""  # a label, so pods of one run can be found
+    queue_name: str = ""  # Kueue LocalQueue; Kueue admits the whole job at once or not at all
+    priority_class: str = ""  # PriorityClass of the pods (and of the gang, when gang_scheduling)
+    gang_scheduling: bool = False  # runPolicy.schedulingPolicy: all pods scheduled together or none
 
     def check(self) -> None:
         if not _DNS1035.match(self.name):
@@ -53,6 +57,9 @@ class TrainJob:
         if self.nodes < 1 or self.procs_per_node < 1 or self.gpus_per_node < 0:
             raise ValueError(f"nodes={self.nodes}, procs_per_node={self.procs_per_node}, "
                              f"gpus_per_node={self.gpus_per_node}: need nodes, procs >= 1 and gpus >= 0")
+        if self.gpus_per_node and self.procs_per_node != self.gpus_per_node:
+            raise ValueError(f"procs_per_node={self.procs_per_node} but gpus_per_node={self.gpus_per_node}: "
+                             "each torchrun process drives one GPU")
         if self.elastic and not 1 <= self.elastic_min_nodes <= self.nodes:
             raise ValueError(f"elastic_min_nodes={self.elastic_min_nodes} must be between 1 and nodes={self.nodes}")
 
@@ -104,7 +111,7 @@ def _template(job: TrainJob) -> k8s.V1PodTemplateSpec:
         metadata=k8s.V1ObjectMeta(labels=labels(job), annotations=dict(podspec.NO_ISTIO)),
         spec=k8s.V1PodSpec(
             containers=[_container(job)], volumes=[shm], security_context=podspec.pod_security(),
-            node_selector=node_selector,
+            node_selector=node_selector, priority_class_name=job.priority_class or None,
             tolerations=podspec.gpu_tolerations() if job.gpus_per_node else None))
 
 
@@ -122,6 +129,21 @@ def _replica_specs(job: TrainJob) -> dict[str, kf.KubeflowOrgV1ReplicaSpec]:
     return specs
 
 
+def _job_labels(job: TrainJob) -> dict[str, str]:
+    out = labels(job)
+    if job.queue_name:
+        out[KUEUE_QUEUE_LABEL] = job.queue_name
+    return out
+
+
+def _scheduling(job: TrainJob) -> kf.KubeflowOrgV1SchedulingPolicy | None:
+    """Gang scheduling (Volcano or scheduler-plugins): start no pod until enough of them fit."""
+    if not job.gang_scheduling:
+        return None
+    return kf.KubeflowOrgV1SchedulingPolicy(min_available=job.elastic_min_nodes or job.nodes,
+                                            priority_class=job.priority_class or None)
+
+
 def build_pytorchjob(job: TrainJob) -> kf.KubeflowOrgV1PyTorchJob:
     job.check()
     elastic = None
@@ -131,10 +153,11 @@ def build_pytorchjob(job: TrainJob) -> kf.KubeflowOrgV1PyTorchJob:
             rdzv_backend="c10d")
     return kf.KubeflowOrgV1PyTorchJob(
         api_version=API_VERSION, kind="PyTorchJob",
-        metadata=k8s.V1ObjectMeta(name=job.name, namespace=job.namespace, labels=labels(job)),
+        metadata=k8s.V1ObjectMeta(name=job.name, namespace=job.namespace, labels=_job_labels(job)),
         spec=kf.KubeflowOrgV1PyTorchJobSpec(
             nproc_per_node=str(job.procs_per_node), elastic_policy=elastic,
             pytorch_replica_specs=_replica_specs(job),
             run_policy=kf.KubeflowOrgV1RunPolicy(
                 backoff_limit=job.backoff_limit, active_deadline_seconds=job.active_deadline_s,
-                ttl_seconds_after_finished=job.ttl_s, clean_pod_policy=job.clean_pod_policy)))
+                ttl_seconds_after_finished=job.ttl_s, clean_pod_policy=job.clean_pod_policy,
+                scheduling_policy=_scheduling(job))))

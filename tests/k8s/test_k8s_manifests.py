@@ -7,12 +7,13 @@ import copy
 import jsonschema
 import kubernetes_validate
 import pytest
-from k8skit import DIRS, K8S, KUBERNETES_VERSION, pod_templates, pytorchjob_schema, webhook_errors
+from k8skit import DIRS, K8S, KUBERNETES_VERSION, kustomize, pod_templates, pytorchjob_schema, webhook_errors
 
 from pipelines import manifests
 from pipelines.podspec import to_dict
 from pipelines.presets import PRESETS
 from pipelines.pytorchjob import build_pytorchjob
+from tests.conftest import which
 
 CORE_KINDS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap", "Job"}
 
@@ -85,14 +86,28 @@ def test_every_pod_is_locked_down_and_sized(built, rel):
             assert policy["backoffLimit"] >= 0 and policy["ttlSecondsAfterFinished"] > 0
 
 
-def test_download_is_an_indexed_job_whose_pods_take_their_slice(built):
+def test_download_is_an_indexed_job_whose_pods_split_one_url_list(built):
     (download,) = [o for o in built["base"] if o["metadata"]["name"] == "clipforge-download"]
     assert download["spec"]["completionMode"] == "Indexed"
     assert download["spec"]["completions"] == 4
-    container = download["spec"]["template"]["spec"]["containers"][0]
-    index_env = {e["name"]: e for e in container["env"]}["SHARD_INDEX"]
-    assert "job-completion-index" in index_env["valueFrom"]["fieldRef"]["fieldPath"]
-    assert "s3://clipforge/input/urls-$(SHARD_INDEX).parquet" in container["command"]
+    argv = download["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert argv[argv.index("--url-list") + 1] == "s3://clipforge/input/urls.parquet"  # not pre-split
+    assert argv[argv.index("--num-parts") + 1] == "4"
+    assert argv[argv.index("--part-index") + 1] == "auto"  # JOB_COMPLETION_INDEX, set by Kubernetes
+    # then every pod tries the merge; it succeeds in the last one to finish
+    assert argv[:2] == ["sh", "-c"] and "--merge-parts 4; rc=$?" in argv[2]
+    (train,) = [o for o in built["base"] if o["kind"] == "PyTorchJob"]
+    train_argv = train["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert train_argv[train_argv.index("--train-data") + 1] == "s3://clipforge/runs/example/data"
+
+
+def test_gpu_overlay_queues_gang_schedules_and_ships_its_priority_class(built):
+    (job,) = [o for o in built["overlays/gpu"] if o["kind"] == "PyTorchJob"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "clipforge"
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 2, "priorityClass": "clipforge-training"}
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["priorityClassName"] == "clipforge-training"
+    (prio,) = [o for o in kustomize(which("kubectl"), "overlays/gpu") if o["kind"] == "PriorityClass"]
+    assert prio["metadata"]["name"] == "clipforge-training" and prio["preemptionPolicy"] == "Never"
 
 
 def test_gpu_overlay_is_elastic_nccl_on_several_gpu_nodes(built):

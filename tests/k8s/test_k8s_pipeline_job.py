@@ -22,7 +22,8 @@ def _pipeline_job(**kw):
 def test_pipeline_jobs_pass_the_crd_schema_and_webhook_rules(schemas_dir):
     schema = pytorchjob_schema(schemas_dir)
     for job in (_pipeline_job(), _pipeline_job(gpus_per_node=4, procs_per_node=4,
-                                               gpu_node_selector="nvidia.com/gpu.present=true")):
+                                               node_selector={"nvidia.com/gpu.present": "true"}),
+                _pipeline_job(queue_name="team-a", priority_class="high", gang_scheduling=True)):
         jsonschema.validate(job, schema)
         assert webhook_errors(job) == []
         assert job["metadata"]["name"] == "clipforge-train-20261122-060000-ab-c"
@@ -30,10 +31,10 @@ def test_pipeline_jobs_pass_the_crd_schema_and_webhook_rules(schemas_dir):
 
 
 def test_gpu_pipeline_jobs_land_on_gpu_nodes_with_cuda():
-    job = _pipeline_job(gpus_per_node=4, procs_per_node=4, gpu_node_selector="nvidia.com/gpu.present=true")
+    job = _pipeline_job(gpus_per_node=4, procs_per_node=4, node_selector={"nvidia.com/gpu.present": "true"})
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     argv = pod["containers"][0]["command"]
     assert argv[argv.index("--device") + 1] == "cuda"
-    cpu_pod = _pipeline_job(gpu_node_selector="nvidia.com/gpu.present=true")["spec"]["pytorchReplicaSpecs"]["Master"]
+    cpu_pod = _pipeline_job(node_selector={"nvidia.com/gpu.present": "true"})["spec"]["pytorchReplicaSpecs"]["Master"]
     assert "nodeSelector" not in cpu_pod["template"]["spec"]
