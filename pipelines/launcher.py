@@ -7,6 +7,7 @@ master's logs while it runs, and fails with the operator's reason.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from pipelines.pytorchjob import METRICS_PORT, TrainJob, build_pytorchjob
+from pipelines.pytorchjob import METRICS_PORT, TORCHRUN_ENV, TrainJob, build_pytorchjob
 
 CLEANUP_POLICIES = ("always", "on-success", "never")
 DEADLINE_SLACK_S = 300  # lets the operator report DeadlineExceeded itself before we give up
@@ -166,6 +167,6 @@ def torchrun_command(train_args: list[str], nproc: int) -> list[str]:
 def run_torchrun_local(train_args: list[str], nproc: int = 1, env: dict | None = None) -> None:
     cmd = torchrun_command(train_args, nproc)
     print("running:", " ".join(cmd), flush=True)
-    result = subprocess.run(cmd, env=env)
+    result = subprocess.run(cmd, env={**os.environ, **TORCHRUN_ENV, **(env or {})})
     if result.returncode != 0:
         raise TrainJobFailed(f"torchrun exited with {result.returncode}: {' '.join(cmd)}")
