@@ -164,9 +164,14 @@ def torchrun_command(train_args: list[str], nproc: int) -> list[str]:
             "--module", "stages.train", *train_args]
 
 
+def torchrun_env(env: dict | None = None) -> dict[str, str]:
+    """This process's environment plus what torchrun's agent needs to restart cleanly."""
+    return {**os.environ, **TORCHRUN_ENV, **(env or {})}
+
+
 def run_torchrun_local(train_args: list[str], nproc: int = 1, env: dict | None = None) -> None:
     cmd = torchrun_command(train_args, nproc)
     print("running:", " ".join(cmd), flush=True)
-    result = subprocess.run(cmd, env={**os.environ, **TORCHRUN_ENV, **(env or {})})
+    result = subprocess.run(cmd, env=torchrun_env(env))
     if result.returncode != 0:
         raise TrainJobFailed(f"torchrun exited with {result.returncode}: {' '.join(cmd)}")
