@@ -19,11 +19,6 @@ from pipelines.images import image
 API_VERSION = "kubeflow.org/v1"
 CONTAINER = "pytorch"  # the operator only wires up the container of this name
 METRICS_PORT = 9090
-# torchrun's agents: a fresh rendezvous store each round, so ranks restarted after a fault (on any
-# node) never read the previous round's addresses; without it they fail to re-join or hang.
-TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-# NCCL ranks: a failed or timed-out collective ends the process (so the group restarts) and says why.
-NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -88,6 +83,13 @@ def _metrics_ports(job: TrainJob) -> list[k8s.V1ContainerPort]:
     """Local rank r serves metrics on METRICS_PORT + r; the PodMonitor scrapes these port names."""
     return [k8s.V1ContainerPort(name="metrics" if r == 0 else f"metrics-{r}", container_port=METRICS_PORT + r)
             for r in range(job.procs_per_node)]
+
+
+# torchrun's agents: a fresh rendezvous store each round, so ranks restarted after a fault (on any
+# node) never read the previous round's addresses; without it they fail to re-join or hang.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# NCCL ranks: a failed or timed-out collective ends the process (so the group restarts) and says why.
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
 
 
 def _container(job: TrainJob) -> k8s.V1Container:
