@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 from pipelines.launch_policy import check_launch, procs_for
-from pipelines.pytorchjob import METRICS_PORT, TrainJob, build_pytorchjob
+from pipelines.pytorchjob import METRICS_PORT, TORCHRUN_ENV, TrainJob, build_pytorchjob
 from pipelines.stage_args import plain
 
 DEADLINE_SLACK_S = 300  # lets the operator report DeadlineExceeded itself before we give up
@@ -310,9 +310,14 @@ def torchrun_command(train_args: list[str], nproc: int) -> list[str]:
             "--module", "stages.train", *train_args]
 
 
+def torchrun_env(env: dict | None = None) -> dict[str, str]:
+    """This process's environment plus what torchrun's agent needs to restart cleanly."""
+    return {**os.environ, **TORCHRUN_ENV, **(env or {})}
+
+
 def run_torchrun_local(train_args: list[str], nproc: int = 1, env: dict | None = None) -> None:
     cmd = torchrun_command(train_args, nproc)
     print("running:", " ".join(cmd), flush=True)
-    result = subprocess.run(cmd, env=env)
+    result = subprocess.run(cmd, env=torchrun_env(env))
     if result.returncode != 0:
         raise TrainJobFailed(f"torchrun exited with {result.returncode}: {' '.join(cmd)}")

@@ -92,10 +92,19 @@ def _metrics_ports(job: TrainJob) -> list[k8s.V1ContainerPort]:
             for r in range(job.procs_per_node)]
 
 
+# torchrun's agents: a fresh rendezvous store each round, so ranks restarted after a fault (on any
+# node) never read the previous round's addresses; without it they fail to re-join or hang.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# NCCL ranks: a failed or timed-out collective ends the process (so the group restarts) and says why.
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
+
+
 def _container(job: TrainJob) -> k8s.V1Container:
     _, shm_mount = podspec.shm_volume(job.shm_size)
     env = [k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
            k8s.V1EnvVar(name="OMP_NUM_THREADS", value=str(_threads_per_proc(job)))]
+    extra = {**TORCHRUN_ENV, **(NCCL_ENV if job.gpus_per_node else {})}
+    env += [k8s.V1EnvVar(name=k, value=v) for k, v in extra.items()]
     return k8s.V1Container(
         name=CONTAINER, image=job.image, image_pull_policy=job.image_pull_policy, command=command(job),
         env=env, env_from=podspec.s3_env_from(),

@@ -12,6 +12,8 @@ from torchx.components.dist import torchrun
 
 # torchx reads the annotations at run time, so they stay real types (no postponed evaluation)
 TRAIN_IMAGE = "ghcr.io/clipforge/clipforge-train:latest"  # as pipelines.images names it
+# torchrun's agents need these for restarts that re-join in one round (as pipelines.pytorchjob.TORCHRUN_ENV)
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def train(
@@ -38,8 +40,8 @@ def train(
         memMB: memory per node in MB
         max_retries: times the scheduler reruns a failed job (pair with `--resume latest`)
         rdzv_port: rendezvous port on the first node
-        env: extra environment variables
+        env: extra environment variables (on top of the ones torchrun needs to restart cleanly)
     """
     return torchrun(*script_args, m="stages.train", image=image, name="clipforge-train", cpu=cpu,
-                    gpu=gpu, memMB=memMB, j=f"{nnodes}x{nproc_per_node}", env=env,
+                    gpu=gpu, memMB=memMB, j=f"{nnodes}x{nproc_per_node}", env={**TORCHRUN_ENV, **(env or {})},
                     max_retries=max_retries, rdzv_port=rdzv_port)

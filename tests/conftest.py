@@ -63,7 +63,8 @@ class FlakyProxy:
     """A TCP proxy in front of a server; `down()` cuts every connection and refuses new ones.
 
     Lets a test take the object store away mid-operation and bring it back, without losing the
-    store's contents (moto keeps its state in memory).
+    store's contents (moto keeps its state in memory). `delay_s` > 0 makes it a slow link (that
+    many seconds per 64 KiB forwarded); `requests` holds the first line of each HTTP request seen.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -73,6 +74,8 @@ class FlakyProxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.delay_s = 0.0
+        self.requests: list[str] = []
 
     def up(self) -> None:
         listener = socket.socket()
@@ -112,13 +115,16 @@ class FlakyProxy:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, upload in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, upload), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, upload: bool) -> None:
         try:
             while data := src.recv(65536):
+                if upload and data[:8].split(b" ", 1)[0] in (b"GET", b"PUT", b"POST", b"HEAD", b"DELETE"):
+                    self.requests.append(data.split(b"\r\n", 1)[0].decode(errors="replace"))
+                if self.delay_s:
+                    time.sleep(self.delay_s)
                 dst.sendall(data)
         except OSError:
             pass

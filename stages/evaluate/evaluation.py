@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
+from stages.common import distributed
+from stages.common.distributed import DistInfo
 from stages.common.errors import DataError
-from stages.evaluate import distributed, features, scores
-from stages.evaluate.distributed import Dist
+from stages.evaluate import features, scores
 from stages.evaluate.evalsets import CLASSIFICATION, EvalSet
 from stages.evaluate.model import LoadedModel
 
@@ -34,7 +35,7 @@ def zero_shot_weights(loaded: LoadedModel, evalset: EvalSet, device: torch.devic
     return weights.float().cpu()
 
 
-def evaluate_set(evalset: EvalSet, loaded: LoadedModel, device: torch.device, cfg: Any, ctx: Dist,
+def evaluate_set(evalset: EvalSet, loaded: LoadedModel, device: torch.device, cfg: Any, ctx: DistInfo,
                  log: logging.Logger) -> dict[str, Any]:
     """Metrics of one eval set (identical on every rank) with its sample count and elapsed time."""
     started = time.time()

@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 import torch
 
+from stages.common.distributed import DistInfo
 from stages.common.errors import DataError
 from stages.common.logs import progress
 from stages.evaluate import shards
-from stages.evaluate.distributed import Dist
 from stages.evaluate.evalsets import EvalSet
 from stages.evaluate.model import LoadedModel
 
@@ -41,16 +41,16 @@ def _check_labels(batch: dict, evalset: EvalSet) -> torch.Tensor:
     return torch.tensor(batch["label"], dtype=torch.long)
 
 
-def _batches(evalset: EvalSet, loaded: LoadedModel, batch_size: int, workers: int, ctx: Dist,
+def _batches(evalset: EvalSet, loaded: LoadedModel, batch_size: int, workers: int, ctx: DistInfo,
              log: logging.Logger):
-    data = shards.loader(evalset, loaded.preprocess, batch_size, workers, ctx.rank, ctx.world)
-    total = -(-evalset.samples // (batch_size * ctx.world)) if evalset.samples else None
+    data = shards.loader(evalset, loaded.preprocess, batch_size, workers, ctx.rank, ctx.world_size)
+    total = -(-evalset.samples // (batch_size * ctx.world_size)) if evalset.samples else None
     return progress(data, total, f"{evalset.name} batches", log)
 
 
 @torch.no_grad()
 def encode_classification(evalset: EvalSet, loaded: LoadedModel, device: torch.device, amp: Callable,
-                          batch_size: int, workers: int, ctx: Dist, log: logging.Logger):
+                          batch_size: int, workers: int, ctx: DistInfo, log: logging.Logger):
     """(normalised image features, labels) of this rank's samples, on the CPU in fp32."""
     feats, labels = [], []
     for batch in _batches(evalset, loaded, batch_size, workers, ctx, log):
@@ -63,7 +63,7 @@ def encode_classification(evalset: EvalSet, loaded: LoadedModel, device: torch.d
 
 @torch.no_grad()
 def encode_retrieval(evalset: EvalSet, loaded: LoadedModel, device: torch.device, amp: Callable,
-                     batch_size: int, workers: int, ctx: Dist, log: logging.Logger):
+                     batch_size: int, workers: int, ctx: DistInfo, log: logging.Logger):
     """(image features, caption features, image index of each caption) of this rank's samples."""
     image_feats, text_feats, owners = [], [], []
     seen = 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from stages.common import config as config_mod
-from stages.common import runinfo
+from stages.common import distributed, runinfo
 from stages.common.logs import setup_logging
-from stages.evaluate import distributed, report
+from stages.evaluate import report
 from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.evalsets import EvalSet, open_eval_set, open_val_split
 from stages.evaluate.evaluation import evaluate_set
@@ -24,7 +24,8 @@ def open_inputs(cfg: EvaluateConfig) -> list[EvalSet]:
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     started = time.time()
-    ctx, device = distributed.init(cfg.device)
+    ctx = distributed.init_distributed(cfg.device)
+    device = ctx.device
     log = setup_logging("evaluate", cfg.run_id, ctx.rank, cfg.log_level)
     metrics = report.EvalMetrics(cfg.run_id)
     if ctx.is_main:
@@ -33,7 +34,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         evalsets = open_inputs(cfg)
         loaded = load_model(cfg.checkpoint_uri, device)
         log.info("model %s from %s (step %s) on %s, %d rank(s)", loaded.name, loaded.checkpoint,
-                 loaded.step, device, ctx.world)
+                 loaded.step, device, ctx.world_size)
         results = {es.name: evaluate_set(es, loaded, device, cfg, ctx, log) for es in evalsets}
         model_info = {"name": loaded.name, "checkpoint": loaded.checkpoint, "step": loaded.step}
         document = report.results_document(results, model_info)
@@ -43,7 +44,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         return document
     finally:
         metrics.stage.stop()
-        distributed.shutdown(ctx)
+        distributed.shutdown()
 
 
 def _publish(cfg: EvaluateConfig, document: dict, metrics: report.EvalMetrics, started: float) -> None:

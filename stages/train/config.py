@@ -67,6 +67,9 @@ class TrainConfig(CommonConfig):
     keep_last: int = _f(0, "keep only the newest K checkpoints (0: keep all)")
     resume: str = _f("", "'latest' (this run's checkpoints, if any) or a checkpoint URI")
     max_nonfinite_steps: int = _f(20, "stop after this many non-finite losses in a row")
+    step_timeout: float = _f(0.0, "seconds without step progress after which a rank logs where it hung "
+                                   "and exits so the group restarts (0: 10x the slowest recent step, "
+                                   "at least 300)")
     # validation, logs, metrics
     val_every_steps: int = _f(0, "validate every N steps and at the end (0: only at the end)")
     log_every_n_steps: int = _f(100, "log a progress line every N steps")
@@ -112,7 +115,8 @@ class TrainConfig(CommonConfig):
                 raise ConfigError(f"{flag} {value}: must be at least 1")
         for flag, value in {"--save-every-steps": self.save_every_steps, "--keep-last": self.keep_last,
                             "--warmup": self.warmup, "--workers": self.workers,
-                            "--val-every-steps": self.val_every_steps, "--lr": self.lr}.items():
+                            "--val-every-steps": self.val_every_steps, "--lr": self.lr,
+                            "--step-timeout": self.step_timeout}.items():
             if value < 0:
                 raise ConfigError(f"{flag} {value}: must not be negative")
 

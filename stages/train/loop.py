@@ -5,7 +5,7 @@ micro-batches are first computed without gradients, then each micro-batch is run
 gradients and its loss is taken against the cached features of the others as negatives.
 
 A non-finite loss on any rank skips the optimizer update on every rank (the ranks agree through
-one all-reduce) and is counted; `--max-nonfinite-steps` of them in a row stop the run.
+one all-reduce, the step's only wait for the device) and is counted; `--max-nonfinite-steps` of them in a row stop the run.
 `CLIPFORGE_DEBUG_NAN_AT_STEP` ("5", "3,7", "4-9" or "6-") turns the loss of those optimizer
 steps (0-based step index) into NaN, to exercise the guard.
 """
@@ -13,6 +13,7 @@ steps (0-based step index) into NaN, to exercise the guard.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -22,8 +23,8 @@ from contextlib import nullcontext
 import torch
 from open_clip import get_input_dtype
 
+from stages.common.distributed import DistInfo, all_true
 from stages.common.errors import ClipforgeError
-from stages.train.distributed import DistInfo, all_true
 from stages.train.model import clamp_logit_scale, unwrap
 
 log = logging.getLogger(__name__)
@@ -53,18 +54,34 @@ def parse_step_set(spec: str) -> Callable[[int], bool]:
 
 @dataclasses.dataclass
 class StepOutcome:
-    loss: float
+    """One step's result; the loss and logit scale stay on the device until a logging step reads them."""
+
+    loss_t: torch.Tensor
     finite: bool
-    logit_scale: float
+    logit_scale_t: torch.Tensor
     samples: int
+
+    @functools.cached_property
+    def _host(self) -> tuple[float, float]:
+        loss, scale = torch.stack([self.loss_t.float(), self.logit_scale_t.float()]).tolist()
+        return loss, scale
+
+    @property
+    def loss(self) -> float:
+        return self._host[0]
+
+    @property
+    def logit_scale(self) -> float:
+        return self._host[1]
 
 
 class TrainStep:
     """One optimizer step over `accum_freq` micro-batches."""
 
     def __init__(self, model, loss_fn, optimizer, scaler, *, precision: str, grad_clip_norm: float | None,
-                 info: DistInfo):
+                 info: DistInfo, mark: Callable[[str], None] = lambda phase: None):
         self.model, self.loss_fn, self.optimizer, self.scaler = model, loss_fn, optimizer, scaler
+        self.mark = mark  # tells the watchdog which phase the step is in
         self.info = info
         self.autocast = get_autocast(precision, info.device)
         self.input_dtype = get_input_dtype(precision)
@@ -79,14 +96,16 @@ class TrainStep:
             losses = [self._plain(*batches[0], poison)]
         else:
             losses = self._accumulated(batches, poison)
-        finite = all_true(all(torch.isfinite(loss).item() for loss in losses), self.info)
+        self.mark("collective")
+        finite = all_true(torch.stack([torch.isfinite(loss) for loss in losses]).all(), self.info)
+        self.mark("optimizer")
         if finite:
             self._update()
         else:
             self.optimizer.zero_grad(set_to_none=True)
         clamp_logit_scale(self.model)
-        logit_scale = float(unwrap(self.model).logit_scale.detach().exp())
-        return StepOutcome(loss=float(losses[-1].item()), finite=finite, logit_scale=logit_scale,
+        logit_scale = unwrap(self.model).logit_scale.detach().exp()
+        return StepOutcome(loss_t=losses[-1], finite=finite, logit_scale_t=logit_scale,
                            samples=sum(b[0].shape[0] for b in batches))
 
     def _to_device(self, batch):

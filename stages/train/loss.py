@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from open_clip.loss import ClipLoss, SigLipLoss
 
+from stages.common.distributed import DistInfo
 from stages.train.config import TrainConfig
-from stages.train.distributed import DistInfo
 
 
 def create_loss(cfg: TrainConfig, info: DistInfo):

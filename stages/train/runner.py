@@ -11,16 +11,17 @@ import torch
 
 from stages.common import runinfo
 from stages.common.config import to_dict
+from stages.common.distributed import DistInfo, collective_timeout, init_distributed, shutdown, wrap_ddp
 from stages.common.errors import ConfigError, DataError
 from stages.common.logs import setup_logging
 from stages.train import checkpoint, optim
 from stages.train.config import TrainConfig
-from stages.train.distributed import DistInfo, init_distributed, shutdown, wrap_ddp
 from stages.train.loop import NonFiniteGuard, StepOutcome, TrainStep, step_groups
 from stages.train.loss import create_loss
 from stages.train.metrics import TrainMetrics, flops_per_sample, peak_flops
 from stages.train.model import ModelBundle, build_model, maybe_compile, random_seed
 from stages.train.validate import evaluate
+from stages.train.watchdog import Watchdog, main_only
 
 log = logging.getLogger("clipforge.train")
 
@@ -56,22 +57,31 @@ class Session:
     last_val: dict = dataclasses.field(default_factory=dict)
     last_pointer: dict | None = None
     last_loss: float | None = None
+    watchdog: Watchdog | None = None
 
 
 def run(cfg: TrainConfig) -> int:
     started = time.time()
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, collective_timeout(_collective_timeout_s(cfg)))
     setup_logging("train", cfg.run_id, info.rank, cfg.log_level if info.is_main else "WARNING")
     metrics = TrainMetrics(cfg.run_id, info.rank)
     metrics.serve(cfg.metrics_port, cfg.metrics_addr, info.local_rank)
+    watchdog = Watchdog(info, cfg.step_timeout).start()
     try:
         session = setup(cfg, info, metrics)
+        session.watchdog = watchdog
         train(session)
         finish(session, started)
         return 0
     finally:
+        watchdog.stop()
         metrics.stage.stop()
         shutdown()
+
+
+def _collective_timeout_s(cfg: TrainConfig) -> float:
+    """Twice the step limit, so the watchdog (which names the hung rank) speaks first."""
+    return max(60.0, 2 * cfg.step_timeout) if cfg.step_timeout else 600.0
 
 
 def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics) -> Session:
@@ -141,8 +151,11 @@ def _setup_reporting(s: Session) -> None:
 def train(s: Session) -> None:
     """Optimizer steps until --steps/--epochs are done, epoch by epoch."""
     p, cfg = s.progress, s.cfg
+    if s.watchdog is None:
+        s.watchdog = Watchdog(s.info)
+    watchdog = s.watchdog
     step_fn = TrainStep(s.model, s.loss_fn, s.optimizer, s.scaler, precision=cfg.precision,
-                        grad_clip_norm=cfg.grad_clip_norm, info=s.info)
+                        grad_clip_norm=cfg.grad_clip_norm, info=s.info, mark=watchdog.enter)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, p.nonfinite_total)
     loader_epoch = p.epoch
     s.model.train()
@@ -153,14 +166,19 @@ def train(s: Session) -> None:
         epoch_end = min(s.total_steps, (p.epoch + 1) * s.steps_per_epoch)
         steps_before = p.step
         start = time.perf_counter()
+        watchdog.enter("data")
         for batches, waited in step_groups(s.data.loader, cfg.accum_freq):
+            watchdog.enter("forward/backward")
             lr = s.scheduler(p.step)
             outcome = step_fn(batches, p.step)
             p.step += 1
             p.samples_seen += outcome.samples * s.info.world_size
             guard.observe(outcome.finite, p.step - 1)
             p.nonfinite_total = guard.total
-            _after_step(s, outcome, lr, waited, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            _after_step(s, outcome, lr, waited, seconds)
+            watchdog.step_done(p.step, seconds)
+            watchdog.enter("data")
             start = time.perf_counter()
             if p.step >= epoch_end:
                 break
@@ -171,27 +189,32 @@ def train(s: Session) -> None:
 
 def _after_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds: float) -> None:
     p, cfg = s.progress, s.cfg
-    _record_metrics(s, out, lr, waited, seconds)
     last = p.step == s.total_steps
-    if s.info.is_main and (p.step % cfg.log_every_n_steps == 0 or p.step == 1 or last):
+    logging_step = p.step % cfg.log_every_n_steps == 0 or p.step == 1 or last
+    _record_metrics(s, out, lr, waited, seconds, logging_step)
+    if s.info.is_main and logging_step:
         _log_step(s, out, lr, waited, seconds)
-    if s.val_data is not None and (last or (cfg.val_every_steps and p.step % cfg.val_every_steps == 0)):
-        _validate(s)
+    if cfg.has_val and (last or (cfg.val_every_steps and p.step % cfg.val_every_steps == 0)):
+        main_only(s.watchdog, s.info, "validation", str(p.step), lambda: _validate(s))
     if last or (cfg.save_every_steps and p.step % cfg.save_every_steps == 0):
-        _save(s, epoch_done=p.step >= (p.epoch + 1) * s.steps_per_epoch)
+        main_only(s.watchdog, s.info, "checkpoint", str(p.step),
+                  lambda: _save(s, epoch_done=p.step >= (p.epoch + 1) * s.steps_per_epoch))
 
 
-def _record_metrics(s: Session, out: StepOutcome, lr: float, waited: float, seconds: float) -> None:
+def _record_metrics(s: Session, out: StepOutcome, lr: float, waited: float, seconds: float,
+                    logging_step: bool) -> None:
+    """Loss and logit scale come to the host on logging steps only: reading them waits for the device."""
     m, world = s.metrics, s.info.world_size
     m.step.set(s.progress.step)
     m.samples.inc(out.samples * world)
-    if out.finite:
+    if not out.finite:
+        m.nonfinite.inc()
+    elif logging_step:
         m.loss.set(out.loss)
         s.last_loss = out.loss
-    else:
-        m.nonfinite.inc()
+    if logging_step:
+        m.logit_scale.set(out.logit_scale)
     m.lr.set(lr)
-    m.logit_scale.set(out.logit_scale)
     m.step_seconds.observe(seconds)
     m.data_wait.inc(waited)
     rate = out.samples * world / max(seconds, 1e-9)
@@ -199,7 +222,7 @@ def _record_metrics(s: Session, out: StepOutcome, lr: float, waited: float, seco
     if s.peak_flops and s.flops_per_sample:
         m.mfu.set(s.flops_per_sample * rate / (s.peak_flops * world))
     m.gpu_memory(s.info.device)
-    if s.tb_writer is not None:
+    if s.tb_writer is not None and logging_step:
         for name, value in {"loss": out.loss, "lr": lr, "scale": out.logit_scale,
                             "samples_per_second": rate, "data_time": waited}.items():
             s.tb_writer.add_scalar(f"train/{name}", value, s.progress.step)
@@ -217,6 +240,8 @@ def _log_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds: f
 
 
 def _validate(s: Session) -> None:
+    if s.val_data is None:  # only rank 0 validates; 'auto' found no val split
+        return
     s.last_val = evaluate(s.model, s.val_data, s.info.device, s.cfg.precision)
     s.metrics.validation({k: v for k, v in s.last_val.items() if k != "num_samples"})
     log.info("Eval Step: %d %s", s.progress.step,

@@ -58,7 +58,7 @@ def make_batches(root: str, count: int) -> list[tuple[torch.Tensor, torch.Tensor
 
 
 def clipforge_losses(model, batches, accum: int, rank: int = 0, world: int = 1, **loss_kw) -> list[float]:
-    from stages.train.distributed import DistInfo
+    from stages.common.distributed import DistInfo
     from stages.train.loop import TrainStep
     from stages.train.loss import create_loss
     from stages.train.optim import create_optimizer, create_scheduler
@@ -158,7 +158,7 @@ def _worker(out_dir: str) -> None:
     """torchrun worker: half of each global batch per rank, local loss + gather with grad, DDP."""
     import torch.distributed as dist
 
-    from stages.train.distributed import DistInfo, wrap_ddp
+    from stages.common.distributed import DistInfo, wrap_ddp
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
