@@ -6,6 +6,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import shlex
+
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,6 +87,11 @@ def pod_templates(obj: dict) -> list[tuple[str, dict]]:
 def stage_command(container: dict) -> tuple[str, list[str]]:
     """(stage, its flags) from `python -m stages.X …` or `torchrun --module stages.X …`."""
     argv = [*container.get("command", []), *container.get("args", [])]
+    if argv[:2] == ["sh", "-c"]:  # `sh -c 'python -m stages.X "$@" && …' NAME FLAGS…`
+        script = shlex.split(argv[2])
+        stage = next(w for i, w in enumerate(script) if i and script[i - 1] == "-m")
+        assert '"$@"' in argv[2], f"container {container['name']}: the script drops its flags"
+        return stage.removeprefix("stages."), argv[4:]
     for i, word in enumerate(argv):
         if word.startswith("stages.") and i > 0 and argv[i - 1] in ("-m", "--module"):
             return word.removeprefix("stages."), argv[i + 1:]
