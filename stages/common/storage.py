@@ -13,6 +13,7 @@ AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -209,6 +210,44 @@ def _atomic_local_write(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def open_atomic_write(uri: str, block_size: int = 64 * 2**20) -> Iterator[Any]:
+    """A binary stream to a new object that appears whole on a clean exit, and not at all otherwise.
+
+    Local: a temporary file in the same folder, fsynced and renamed into place. Object stores:
+    fsspec's buffered writer (on S3 a multipart upload of `block_size` parts, which the store
+    publishes only when completed), discarded (multipart aborted) on error. One attempt: callers
+    retry the whole write, as a stream cannot be rewound.
+    """
+    fs, path = filesystem(uri)
+    if "file" in _protocols(fs):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    f = fs.open(path, "wb", block_size=block_size)
+    try:
+        yield f
+    except BaseException:
+        try:  # abort the multipart upload; the store may be the thing that failed
+            f.discard()
+        except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+            log.debug("discarding the partial upload of %s failed: %s", uri, exc)
+        raise
+    f.close()
 
 
 def write_text(uri: str, text: str) -> None:

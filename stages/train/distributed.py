@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
+import re
 
 import torch
 import torch.distributed as dist
 
 from stages.common.errors import ConfigError
+
+log = logging.getLogger("clipforge.train")
+_job_store = None  # the job's rendezvous store, shared by every worker and kept across restarts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +56,9 @@ def init_distributed(requested_device: str) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=float(os.environ.get("CLIPFORGE_DIST_TIMEOUT_S", "1800")))
+        global _job_store
         store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        _job_store = store
         # torchrun may hand a restarted worker group the same store: without a per-attempt prefix
         # the new ranks would read the killed ranks' addresses and fail to connect
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -59,6 +66,33 @@ def init_distributed(requested_device: str) -> DistInfo:
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timeout)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def agree_run_id(cfg, info: DistInfo) -> str:
+    """One run id for every rank and every restart of a job that was given no --run-id.
+
+    torchrun names each job (TORCHELASTIC_RUN_ID: --rdzv-id, or a fresh uuid per --standalone
+    launch, the same in every worker and restart); without one (static rendezvous, "none"), rank 0
+    puts its id into the job's rendezvous store, which torchrun's agent keeps across restarts.
+    """
+    if getattr(cfg, "run_id_given", True):
+        return cfg.run_id
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if job and job != "none":
+        run_id = re.sub(r"[^A-Za-z0-9._-]", "-", job)
+        log.info("run id %s: torchrun's job id (no --run-id given)", run_id)
+        return run_id
+    if not info.distributed or _job_store is None:
+        return cfg.run_id
+    key = "clipforge/run_id"
+    if info.is_main:  # kept if an earlier attempt of this job already wrote one
+        agreed = _job_store.compare_set(key, "", cfg.run_id)
+    else:
+        _job_store.wait([key])
+        agreed = _job_store.get(key)
+    run_id = agreed.decode() if isinstance(agreed, bytes) else str(agreed)
+    log.info("run id %s: agreed through the job's rendezvous store (no --run-id given)", run_id)
+    return run_id
 
 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo, static_graph: bool) -> torch.nn.Module:

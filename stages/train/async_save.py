@@ -1,0 +1,92 @@
+"""Checkpoint writes off the training loop: a CPU snapshot, then one background writer thread.
+
+The step loop pays only for `snapshot()`, a copy of the state off the device (on a GPU into pinned
+memory; on the CPU a clone, since training goes on changing the tensors in place). A thread then
+streams `torch.save` of that snapshot to the store (stages.common.checkpoints.write_stream: no
+serialised copy in memory, a multipart upload on S3), points LATEST at it and prunes. At most one
+write is in flight: the next save, and the end of the run, wait for it. A write that still fails
+after the store's retries is kept and raised on the training thread by `check()`/`wait()`, so the
+run stops with that error; LATEST is written only after the object is complete.
+
+Why not torch.distributed.checkpoint's async_save: it writes a folder of per-rank shards plus a
+metadata file, which neither a plain `torch.load(weights_only=True)` nor the step_<N>.pt + sha256
+LATEST contract reads; converting it back (dcp_to_torch_save) would cost the full second copy
+this avoids. With DDP every rank holds the same weights and optimizer state, so one writer on
+rank 0 already has everything, and sharded writes buy nothing until the model is sharded (FSDP).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def snapshot(tree: Any) -> Any:
+    """A copy of a state tree with every tensor on the CPU, sharing nothing with the original."""
+    cuda = False
+
+    def copy(value: Any) -> Any:
+        nonlocal cuda
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if value.device.type == "cpu":
+                return value.clone()
+            cuda = True
+            out = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
+            return out.copy_(value, non_blocking=True)
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(v) for v in value)
+        return value
+
+    out = copy(tree)
+    if cuda:
+        torch.cuda.synchronize()
+    return out
+
+
+class BackgroundWriter:
+    """One write at a time on a worker thread; its failure surfaces on the caller's thread."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clipforge-ckpt")
+        self._pending: concurrent.futures.Future | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._pending is not None and not self._pending.done()
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(job)
+
+    def check(self) -> None:
+        """Raise the error of a finished write, if it failed."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
+    def wait(self) -> Any:
+        """Block until the write in flight is done; raise its error. Returns its result."""
+        if self._pending is None:
+            return None
+        pending, self._pending = self._pending, None
+        start = time.perf_counter()
+        result = pending.result()
+        waited = time.perf_counter() - start
+        if waited > 0.05:
+            log.info("waited %.2fs for the previous checkpoint write", waited)
+        return result
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
