@@ -59,11 +59,8 @@ class Checkpoint:
     model_cfg: dict[str, Any] | None = None
     preprocess_cfg: dict[str, Any] = dataclasses.field(default_factory=dict)
     trainer: dict[str, Any] | None = None  # optimizer, scaler, scheduler, progress, data, rng, config
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # the train config that wrote it
     fallbacks: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (skipped uri, why)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return (self.trainer or {}).get("config") or {}
 
     def summary(self) -> dict[str, Any]:
         """Plain facts about it (no tensors), for model cards and run records."""
@@ -89,7 +86,7 @@ def from_file_dict(uri: str, raw: dict[str, Any]) -> Checkpoint:
         trainer = {k: raw.get(k) for k in _TRAINER_KEYS} if raw.get("optimizer") is not None else None
         return Checkpoint(uri, fmt, int(raw["step"]), int(raw["epoch"]), int(raw["samples_seen"]),
                           raw["model"], raw.get("model_name") or "", raw.get("model_cfg"),
-                          raw.get("preprocess_cfg") or {}, trainer)
+                          raw.get("preprocess_cfg") or {}, trainer, raw.get("config") or {})
     if fmt == FORMAT_V1:
         return _from_v1(uri, raw)
     if isinstance(raw.get("state_dict"), dict):  # open_clip_train, maybe DDP-prefixed
@@ -105,15 +102,15 @@ def _from_v1(uri: str, raw: dict[str, Any]) -> Checkpoint:
     if raw.get("optimizer") is not None:
         world = int((raw.get("config") or {}).get("world_size", 0) or 0)
         trainer = {k: raw.get(k) for k in ("optimizer", "scaler", "scheduler", "config")}
-        trainer["progress"] = {"step": int(raw["step"]), "epoch": int(raw["epoch"]),
+        trainer["progress"] = {"step": int(raw["step"]), "epoch": int(raw.get("epoch", 0)),
                                "samples_seen": int(raw.get("samples_seen", 0)),
                                "nonfinite_steps": int(raw.get("nonfinite_steps", 0))}
         data = raw.get("data_state")
         trainer["data"] = {"world_size": world, "ranks": [data] if data else []}
         trainer["rng"] = {"world_size": world, "ranks": [raw["rng"]] if raw.get("rng") else []}
-    return Checkpoint(uri, FORMAT_V1, int(raw["step"]), int(raw["epoch"]), int(raw.get("samples_seen", 0)),
+    return Checkpoint(uri, FORMAT_V1, int(raw["step"]), int(raw.get("epoch", 0)), int(raw.get("samples_seen", 0)),
                       raw["model"], raw.get("model_name") or "", raw.get("model_cfg"),
-                      raw.get("preprocess_cfg") or {}, trainer)
+                      raw.get("preprocess_cfg") or {}, trainer, raw.get("config") or {})
 
 
 # ---------------------------------------------------------------- where checkpoints are

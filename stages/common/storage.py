@@ -312,7 +312,10 @@ def delete(uri: str, recursive: bool = False) -> None:
 
     def _rm() -> None:
         try:
-            fs.rm(path, recursive=recursive)
+            if recursive:
+                fs.rm(path, recursive=True)
+            else:  # s3fs's rm() is a bulk delete that ignores per-key errors (AccessDenied)
+                fs.rm_file(path)
         except FileNotFoundError:
             pass
     retrying("deleting", uri, _rm)

@@ -61,6 +61,8 @@ class CheckpointManager:
         self.dir = cfg.checkpoint_dir
         self.writer = BackgroundWriter() if info.is_main else None
         self.last_pointer: dict | None = None
+        self.fallbacks = 0          # checkpoints a resume skipped (missing/corrupt/unloadable)
+        self.prune_failures = 0     # old checkpoints --keep-last could not delete
         self.replicated: dict[str, Stateful] = {}
         self.per_rank: dict[str, Stateful] = {}
         self.meta: dict[str, Any] = {}
@@ -79,6 +81,7 @@ class CheckpointManager:
         else:
             ckpt = checkpoints.read(resume)
         for uri, why in ckpt.fallbacks:
+            self.fallbacks += 1
             self.metrics.ckpt_fallbacks.inc()
             log.warning("resume: skipped %s (%s)", uri, why)
         if ckpt.trainer is None:
@@ -96,6 +99,7 @@ class CheckpointManager:
                 raise
             entries = [{"step": s, "uri": u} for s, u in reversed(found)]
             pointer = {**entries[0], "history": entries[1:]}
+            self.fallbacks += 1
             self.metrics.ckpt_fallbacks.inc()
         if pointer is None:
             return None
@@ -184,6 +188,7 @@ class CheckpointManager:
     def _prune(self) -> int:
         deleted, failures = checkpoints.prune(self.dir, self.cfg.keep_last)
         for failure in failures:
+            self.prune_failures += 1
             self.metrics.ckpt_prune_failures.inc()
             log.warning("--keep-last %d: could not delete an old checkpoint (%s); training goes on",
                         self.cfg.keep_last, failure)

@@ -349,6 +349,8 @@ def finish(s: Session, started: float) -> None:
         outputs={"checkpoint": last_pointer, "step": p.step, "epoch": p.epoch,
                  "samples_seen": p.samples_seen, "final_loss": s.last_loss, "val": s.last_val,
                  "nonfinite_steps": p.nonfinite_total, "skipped_samples_rank0": skipped,
+                 "checkpoint_fallbacks": s.checkpoints.fallbacks,
+                 "checkpoint_prune_failures": s.checkpoints.prune_failures,
                  "world_size": s.info.world_size},
         packages=("torch", "open_clip_torch", "webdataset"))
     s.metrics.stage.mark_success()
