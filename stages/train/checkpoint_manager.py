@@ -66,6 +66,7 @@ class CheckpointManager:
         self.replicated: dict[str, Stateful] = {}
         self.per_rank: dict[str, Stateful] = {}
         self.meta: dict[str, Any] = {}
+        self._staged: Any = None  # the last snapshot's tensors, copied into by the next save
 
     # ------------------------------------------------------------ resume
 
@@ -141,8 +142,9 @@ class CheckpointManager:
         gathered = self._gather(mine)
         if not self.info.is_main:
             return time.perf_counter() - start
-        state = snapshot({name: part.state_dict() for name, part in self.replicated.items()})
-        assert_finite(state["model"], step)
+        state = snapshot({name: part.state_dict() for name, part in self.replicated.items()},
+                         reuse=self._staged)
+        self._staged = {"model": state["model"], "optimizer": state["optimizer"]}
         progress = state["progress"]
         if epoch_done:  # an epoch-end checkpoint resumes at the start of the next epoch
             progress.update(epoch=progress["epoch"] + 1, epoch_samples=0)
@@ -166,6 +168,7 @@ class CheckpointManager:
 
     def _write(self, record: dict[str, Any], step: int, blocked: float) -> dict[str, Any]:
         start = time.perf_counter()
+        assert_finite(record["model"], step)  # here, off the loop: the snapshot is what gets written
         uri = checkpoints.checkpoint_uri(self.dir, step)
         try:
             sha256, size = checkpoints.write_stream(uri, lambda f: torch.save(record, f))
