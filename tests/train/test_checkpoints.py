@@ -163,3 +163,14 @@ def test_torchrun_without_run_id_killed_and_restarted_resumes(rendezvous, train_
     assert len(re.findall(r"resumed from \S+step_(\d+)\.pt at step", log)) == 1
     assert checkpoints.read(str(root / runs[0])).step == 24
     assert _run_record(str(root / runs[0]))["outputs"]["step"] == 24
+
+
+@pytest.mark.slow
+def test_the_final_checkpoint_is_complete_before_the_final_validation(train_shards, tmp_path, cli_env):
+    rc, log = run(stage_cmd("--train-data", str(train_shards), "--val-data", "auto", "--root", str(tmp_path),
+                            "--run-id", "r", "--steps", "6", "--save-every-steps", "0"),
+                  train_env(cli_env), tmp_path / "log")
+    assert rc == 0, log[-3000:]
+    saved, validated = log.find("checkpoint step 6 ->"), log.find("Eval Step: 6 ")
+    assert 0 <= saved < validated, log[-3000:]  # LATEST named step 6 before validation began
+    assert json.loads((tmp_path / "r" / "checkpoints" / "LATEST").read_text())["step"] == 6
