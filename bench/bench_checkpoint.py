@@ -8,9 +8,12 @@ For clipforge-tiny and ViT-B-32 (fp32, AdamW state after one step, CPU, local st
 - after: stages.train.checkpoint_manager.CheckpointManager.save: a CPU snapshot on the loop, then
   the background writer streams torch.save to the store and writes LATEST.
 
-Each (model, way) runs in its own process: `saves` saves in a row, training-sized state. Blocking
-= wall time of the call the loop makes; total = until LATEST names the file. Peak RSS = the
-largest VmRSS a 2 ms sampler saw during the saves, minus the RSS before the first one.
+Each (model, way) runs in its own process: `saves` saves, each followed by one real training step
+(forward, backward, AdamW step on random inputs; bench_train's batch sizes). Blocking = the time
+the loop waits: before, the whole save; after, the save call (gathering) plus what the next
+optimizer step waits for the snapshot (`snapshot_copy_s`: the copy itself, the blocking if the
+step came at once). Peak RSS = the largest VmRSS a 2 ms sampler saw during the saves, minus the
+RSS before the first one.
 Writes bench/results/checkpoint-<date>.json. Target: <= 1 s blocking per ViT-B-32 save.
 
     python -m bench.bench_checkpoint [--models clipforge-tiny ViT-B-32] [--saves 3]
@@ -32,6 +35,7 @@ import time
 from bench.common import REPO, write_result
 
 TARGET_BLOCKING_S = 1.0
+BATCH = {"clipforge-tiny": 16, "ViT-B-32": 8}  # per step, as bench_train's CPU settings
 
 
 def _rss() -> int:
@@ -132,12 +136,29 @@ def _manager(root: str, model, optimizer, cfg):
     return manager, progress
 
 
-def one(model_name: str, way: str, saves: int) -> dict:
-    """Run in a child process: `saves` saves of one model one way."""
+def _train_step(model, optimizer, batch_size: int) -> None:
+    """One real optimizer step on random inputs: what the loop does between two saves."""
+    import open_clip
+    import torch
+
+    size = model.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    images = torch.randn(batch_size, 3, *size)
+    texts = torch.randint(0, model.vocab_size, (batch_size, model.context_length))
+    optimizer.zero_grad()
+    image_features, text_features, logit_scale = model(images, texts)[:3]
+    open_clip.ClipLoss()(image_features, text_features, logit_scale).backward()
+    optimizer.step()
+
+
+def one(model_name: str, way: str, saves: int, batch_size: int) -> dict:
+    """Run in a child process: `saves` saves of one model one way, a training step after each."""
     model, optimizer, cfg = _trained_state(model_name)
-    blocking, total = [], []
+    blocking, copying, total = [], [], []
     with tempfile.TemporaryDirectory(prefix="clipforge-bench-ckpt-") as root:
         manager, progress = (_manager(root, model, optimizer, cfg) if way == "after" else (None, None))
+        if manager is not None:
+            manager.guard(optimizer)
         before_rss = _rss()
         with PeakRSS() as peak:
             for i in range(1, saves + 1):
@@ -145,19 +166,26 @@ def one(model_name: str, way: str, saves: int) -> dict:
                 if manager is None:
                     _save_before(f"{root}/bench/checkpoints", i, model, optimizer, cfg)
                     blocking.append(time.perf_counter() - start)
+                    _train_step(model, optimizer, batch_size)
                 else:
                     progress.step = i
-                    blocking.append(manager.save(i, epoch_done=False))
+                    manager.save(i, epoch_done=False)
+                    _train_step(model, optimizer, batch_size)  # its optimizer.step() waits for the copy
+                    blocking.append(manager.blocked)
                     manager.wait()
+                    copying.append(manager.snapshot_seconds)
                 total.append(time.perf_counter() - start)
-                time.sleep(0.2)  # training would go on here
         if manager is not None:
             manager.close()
         size = os.path.getsize(f"{root}/bench/checkpoints/step_{saves}.pt")
-    return {"model": model_name, "way": way, "bytes": size, "blocking_s": [round(b, 3) for b in blocking],
-            "total_s": [round(t, 3) for t in total], "blocking_median_s": round(statistics.median(blocking), 3),
+    case = {"model": model_name, "way": way, "bytes": size, "blocking_s": [round(b, 3) for b in blocking],
+            "blocking_median_s": round(statistics.median(blocking), 3),
+            "save_and_step_s": [round(t, 3) for t in total],
             "rss_before_bytes": before_rss, "peak_rss_bytes": peak.peak,
             "peak_rss_over_before_bytes": peak.peak - before_rss}
+    if copying:  # the blocking a save would cost if the next optimizer step came at once
+        case["snapshot_copy_s"] = [round(c, 3) for c in copying]
+    return case
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "WAY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one[0], args.one[1], args.saves)), flush=True)
+        print(json.dumps(one(args.one[0], args.one[1], args.saves, BATCH[args.one[0]])), flush=True)
         return 0
     cases = []
     for model in args.models:

@@ -195,12 +195,19 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def _atomic_local_write(path: str, data: bytes) -> None:
+    with _local_atomic(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def _local_atomic(path: str) -> Iterator[Any]:
+    """A temporary file in the target's folder, fsynced and renamed onto it on a clean exit."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates 0600; give the file the mode a plain open() would have
@@ -223,20 +230,8 @@ def open_atomic_write(uri: str, block_size: int = 64 * 2**20) -> Iterator[Any]:
     """
     fs, path = filesystem(uri)
     if "file" in _protocols(fs):
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with _local_atomic(path) as f:
+            yield f
         return
     f = fs.open(path, "wb", block_size=block_size)
     try:

@@ -1,9 +1,11 @@
 """Checkpoint writes off the training loop: a CPU snapshot, then one background writer thread.
 
-The step loop pays only for `snapshot()`, a copy of the state off the device (on a GPU into pinned
-memory; on the CPU a clone, since training goes on changing the tensors in place); the buffers of
-the previous snapshot are reused once its write is done, so later saves skip the allocation. A thread then
-streams `torch.save` of that snapshot to the store (stages.common.checkpoints.write_stream: no
+The writer thread first takes `snapshot()`, a copy of the state off the device (on a GPU into
+pinned memory; on the CPU a copy, since training goes on changing the tensors in place), into the
+previous snapshot's buffers once its write is done, so later saves skip the allocation. The
+training loop runs on meanwhile: only the next optimizer step waits for the copy to be complete
+(stages.train.checkpoint_manager.CheckpointManager.guard). The thread then streams `torch.save` of
+that snapshot to the store (stages.common.checkpoints.write_stream: no
 serialised copy in memory, a multipart upload on S3), points LATEST at it and prunes. At most one
 write is in flight: the next save, and the end of the run, wait for it. A write that still fails
 after the store's retries is kept and raised on the training thread by `check()`/`wait()`, so the
@@ -36,13 +38,13 @@ def snapshot(tree: Any, reuse: Any = None) -> Any:
     place are copied into, which spares the allocation and page faults of fresh memory (most of
     a copy's cost on the CPU), as torch.distributed.checkpoint's cached staging does.
     """
-    cuda = False
+    devices: set[torch.device] = set()  # this may run on a thread whose current device is another
 
     def copy(value: Any, old: Any) -> Any:
-        nonlocal cuda
         if isinstance(value, torch.Tensor):
             value = value.detach()
-            cuda = cuda or value.device.type != "cpu"
+            if value.device.type == "cuda":
+                devices.add(value.device)
             if (isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype):
                 out = old
             elif value.device.type == "cpu":
@@ -55,12 +57,12 @@ def snapshot(tree: Any, reuse: Any = None) -> Any:
             return {k: copy(v, old.get(k)) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             old = old if isinstance(old, (list, tuple)) and len(old) == len(value) else [None] * len(value)
-            return type(value)(copy(v, o) for v, o in zip(value, old))
+            return type(value)(copy(v, o) for v, o in zip(value, old, strict=True))
         return value
 
     out = copy(tree, reuse)
-    if cuda:
-        torch.cuda.synchronize()
+    for device in devices:
+        torch.cuda.synchronize(device)
     return out
 
 

@@ -11,6 +11,7 @@ stages.common.checkpoints'; the background write is stages.train.async_save's.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Protocol
 
@@ -67,6 +68,9 @@ class CheckpointManager:
         self.per_rank: dict[str, Stateful] = {}
         self.meta: dict[str, Any] = {}
         self._staged: Any = None  # the last snapshot's tensors, copied into by the next save
+        self._snapshot_done: threading.Event | None = None
+        self.blocked = 0.0           # seconds the loop waited for the last save (gather + snapshot left)
+        self.snapshot_seconds = 0.0  # seconds the last snapshot took in the background
 
     # ------------------------------------------------------------ resume
 
@@ -131,8 +135,17 @@ class CheckpointManager:
         every = self.cfg.save_every_steps
         return last or bool(every and step % every == 0)
 
+    def guard(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make each optimizer step wait for a save's snapshot: the step is what changes the tensors.
+
+        Between steps (forward, backward, validation) the weights and optimizer state stand
+        still, so the snapshot is taken in the background while the next step computes, and the
+        loop blocks only for whatever part of the copy is left when it reaches optimizer.step().
+        """
+        optimizer.register_step_pre_hook(lambda *_: self._await_snapshot())
+
     def save(self, step: int, epoch_done: bool) -> float:
-        """Gather and snapshot the state, hand it to the writer; returns seconds the loop blocked."""
+        """Gather the state and hand it to the writer; returns seconds the loop blocked here."""
         start = time.perf_counter()
         if self.writer is not None:
             self.writer.wait()  # at most one write in flight
@@ -142,22 +155,39 @@ class CheckpointManager:
         gathered = self._gather(mine)
         if not self.info.is_main:
             return time.perf_counter() - start
-        state = snapshot({name: part.state_dict() for name, part in self.replicated.items()},
-                         reuse=self._staged)
-        self._staged = {"model": state["model"], "optimizer": state["optimizer"]}
-        progress = state["progress"]
+        live = {name: part.state_dict() for name, part in self.replicated.items()}  # tensors by reference
+        progress = live["progress"]
         if epoch_done:  # an epoch-end checkpoint resumes at the start of the next epoch
             progress.update(epoch=progress["epoch"] + 1, epoch_samples=0)
         world = self.info.world_size
-        record = checkpoints.file_record(
-            step=step, epoch=progress["epoch"], samples_seen=progress["samples_seen"],
-            model=state.pop("model"), **self.meta, **state,
-            data={"world_size": world, "ranks": [] if epoch_done else [g["data"] for g in gathered]},
-            rng={"world_size": world, "ranks": [g["rng"] for g in gathered]}, config=to_dict(self.cfg))
-        blocked = time.perf_counter() - start
-        self.metrics.ckpt_blocking_seconds.set(blocked)
-        self.writer.submit(lambda: self._write(record, step, blocked))
-        return blocked
+        extra = {"data": {"world_size": world, "ranks": [] if epoch_done else [g["data"] for g in gathered]},
+                 "rng": {"world_size": world, "ranks": [g["rng"] for g in gathered]},
+                 "config": to_dict(self.cfg)}
+        self._snapshot_done = threading.Event()
+        self.blocked = time.perf_counter() - start
+        self.metrics.ckpt_blocking_seconds.set(self.blocked)
+        self.writer.submit(lambda: self._write(live, extra, step, self._snapshot_done))
+        return self.blocked
+
+    def _await_snapshot(self) -> None:
+        done = self._snapshot_done
+        if done is None or done.is_set():
+            return
+        start = time.perf_counter()
+        done.wait()
+        self.blocked += time.perf_counter() - start
+        self.metrics.ckpt_blocking_seconds.set(self.blocked)
+
+    def _stage(self, live: dict[str, Any], done: threading.Event) -> dict[str, Any]:
+        """The CPU copy of the live state (into the previous copy's buffers), then release the loop."""
+        start = time.perf_counter()
+        try:
+            state = snapshot(live, reuse=self._staged)
+        finally:
+            done.set()
+        self._staged = {"model": state["model"], "optimizer": state["optimizer"]}
+        self.snapshot_seconds = time.perf_counter() - start
+        return state
 
     def _gather(self, mine: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.info.distributed:
@@ -166,9 +196,16 @@ class CheckpointManager:
         dist.all_gather_object(out, mine)
         return out
 
-    def _write(self, record: dict[str, Any], step: int, blocked: float) -> dict[str, Any]:
+    def _write(self, live: dict[str, Any], extra: dict[str, Any], step: int,
+               snapshot_done: threading.Event) -> dict[str, Any]:
         start = time.perf_counter()
-        assert_finite(record["model"], step)  # here, off the loop: the snapshot is what gets written
+        state = self._stage(live, snapshot_done)
+        del live
+        assert_finite(state["model"], step)  # of the copy that gets written
+        progress = state["progress"]
+        record = checkpoints.file_record(step=step, epoch=progress["epoch"],
+                                         samples_seen=progress["samples_seen"], model=state.pop("model"),
+                                         **self.meta, **state, **extra)
         uri = checkpoints.checkpoint_uri(self.dir, step)
         try:
             sha256, size = checkpoints.write_stream(uri, lambda f: torch.save(record, f))
@@ -181,8 +218,9 @@ class CheckpointManager:
         self.last_pointer = pointer
         pruned = self._prune()
         seconds = time.perf_counter() - start
-        log.info("checkpoint step %d -> %s (%.1f MB, %.2fs in the background, %.2fs blocking%s)", step,
-                 uri, size / 1e6, seconds, blocked, f", pruned {pruned}" if pruned else "")
+        log.info("checkpoint step %d -> %s (%.1f MB, %.2fs in the background, of which %.2fs copying; "
+                 "%.2fs blocking%s)", step, uri, size / 1e6, seconds, self.snapshot_seconds, self.blocked,
+                 f", pruned {pruned}" if pruned else "")
         self.metrics.ckpt_seconds.set(seconds)
         self.metrics.ckpt_step.set(step)
         self.metrics.ckpt_time.set_to_current_time()

@@ -158,6 +158,7 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
     if scaler is not None:
         manager.replicated["scaler"] = scaler
     manager.per_rank = {"data": data, "rng": RNGState()}
+    manager.guard(optimizer)
     manager.meta = {"model_name": bundle.model_name, "model_cfg": bundle.model_cfg,
                     "preprocess_cfg": bundle.preprocess_cfg}
     if ckpt:

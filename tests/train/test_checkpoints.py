@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 
 import boto3
 import pytest
 import requests
-from trainrun import children, run, stage_cmd, start, step_lines, torchrun_cmd, train_env, wait_for
+from trainrun import kill_a_worker_when, run, stage_cmd, start, step_lines, torchrun_cmd, train_env
 
 from stages.common import checkpoints, storage
 from tests.conftest import MotoServer, free_port
@@ -149,14 +148,7 @@ def test_torchrun_without_run_id_killed_and_restarted_resumes(rendezvous, train_
         pointers = list(root.glob("*/checkpoints/LATEST"))
         return pointers and json.loads(pointers[0].read_text())["step"] >= 8
 
-    try:
-        wait_for(saved, 180, "a checkpoint at step 8", proc)
-        workers = wait_for(lambda: children(proc.pid), 10, "torchrun's workers", proc)
-        os.kill(workers[-1], signal.SIGKILL)
-        assert proc.wait(300) == 0, (tmp_path / "log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_a_worker_when(saved, "a checkpoint at step 8", proc, tmp_path / "log")
     log = (tmp_path / "log").read_text()
     runs = sorted(p.name for p in root.iterdir())
     assert len(runs) == 1, runs  # every rank and the restart agreed on one run id

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import signal
 
 import pytest
 import torch
 from trainrun import (
-    children,
+    kill_a_worker_when,
     latest,
     load_checkpoint,
     run,
@@ -19,7 +17,6 @@ from trainrun import (
     step_lines,
     torchrun_cmd,
     train_env,
-    wait_for,
 )
 
 from tests.conftest import free_port
@@ -76,15 +73,10 @@ def test_sigkill_one_rank_resumes_from_latest(train_shards, tmp_path, cli_env):
                                    "--run-id", "kill", "--steps", "60", "--save-every-steps", "5",
                                    "--resume", "latest"])
     proc = start(cmd, train_env(cli_env), tmp_path / "log")
-    try:
-        wait_for(lambda: (p := latest(ckpts)) and p["step"] >= 10, 180, "a checkpoint at step 10", proc)
-        saved_before_kill = latest(ckpts)["step"]
-        workers = wait_for(lambda: children(proc.pid), 10, "torchrun's workers", proc)
-        os.kill(workers[-1], signal.SIGKILL)
-        assert proc.wait(300) == 0, (tmp_path / "log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    seen = []
+    kill_a_worker_when(lambda: (p := latest(ckpts)) and p["step"] >= 10 and not seen.append(p["step"]),
+                       "a checkpoint at step 10", proc, tmp_path / "log")
+    saved_before_kill = seen[-1]
     log = (tmp_path / "log").read_text()
     resumed = [int(s) for s in re.findall(r"resumed from \S+step_(\d+)\.pt at step", log)]
     assert len(resumed) == 1 and resumed[0] >= saved_before_kill, (resumed, saved_before_kill)
