@@ -201,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         for way in ("before", "after"):
             out = subprocess.run([sys.executable, "-m", "bench.bench_checkpoint", "--one", model, way,
-                                  "--saves", str(args.saves)], cwd=REPO, capture_output=True, text=True,
-                                 check=True)
+                                  "--saves", str(args.saves)], cwd=REPO, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"bench checkpoint: {model} {way} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+                return 1
             case = json.loads(out.stdout.strip().splitlines()[-1])
             print(json.dumps(case), flush=True)
             cases.append(case)
