@@ -248,3 +248,10 @@ class CheckpointManager:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+    def close_after_error(self) -> None:
+        """Close while another error stops the run: that error is the one to report."""
+        try:
+            self.close()
+        except Exception as exc:  # noqa: BLE001 - logged; the error in flight is re-raised by the caller
+            log.error("the checkpoint write in flight failed as well: %s", exc)

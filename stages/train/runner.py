@@ -123,13 +123,14 @@ def run(cfg: TrainConfig) -> int:
         session = setup(cfg, info, metrics, manager)
         train(session)
         finish(session, started)
+        manager.close()
         return 0
+    except BaseException:
+        manager.close_after_error()  # a write in flight still completes, so LATEST loses nothing
+        raise
     finally:
-        try:
-            manager.close()  # a write in flight completes (or reports why not) before the process ends
-        finally:
-            metrics.stage.stop()
-            shutdown()
+        metrics.stage.stop()
+        shutdown()
 
 
 def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: CheckpointManager) -> Session:
