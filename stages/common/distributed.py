@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 DEFAULT_TIMEOUT_S = 600.0  # collectives; the long pauses (checkpoint, validation) wait outside them
 TIMEOUT_ENV = "CLIPFORGE_DIST_TIMEOUT_S"
+_job_store = None  # the rendezvous store as torchrun hands it over, before any per-attempt prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +96,9 @@ def init_distributed(requested_device: str = "auto",
     if world_size <= 1:
         return DistInfo(rank=0, local_rank=local_rank, world_size=1, device=device)
     timeout = timeout or collective_timeout()
+    global _job_store
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    _job_store = store
     if prefix := _store_prefix():
         store = dist.PrefixStore(prefix, store)
     if not dist.is_initialized():
@@ -103,6 +107,33 @@ def init_distributed(requested_device: str = "auto",
     own_prefix = f"{prefix}/clipforge" if prefix else "clipforge"
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
                     store=dist.PrefixStore("clipforge", store), store_prefix=own_prefix)
+
+
+def agree_run_id(run_id: str, given: bool, info: DistInfo) -> str:
+    """One run id for every rank and every restart of a job that was given no --run-id.
+
+    torchrun names each job (TORCHELASTIC_RUN_ID: --rdzv-id, or a fresh uuid per --standalone
+    launch, the same in every worker and restart); without one (static rendezvous, "none"), rank 0
+    puts its id into the job's rendezvous store, which torchrun's agent keeps across restarts.
+    """
+    if given:
+        return run_id
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if job and job != "none":
+        agreed = re.sub(r"[^A-Za-z0-9._-]", "-", job)
+        log.info("run id %s: torchrun's job id (no --run-id given)", agreed)
+        return agreed
+    if not info.distributed or _job_store is None:
+        return run_id
+    key = "clipforge/run_id"
+    if info.is_main:  # kept if an earlier attempt of this job already wrote one
+        value = _job_store.compare_set(key, "", run_id)
+    else:
+        _job_store.wait([key])
+        value = _job_store.get(key)
+    agreed = value.decode() if isinstance(value, bytes) else str(value)
+    log.info("run id %s: agreed through the job's rendezvous store (no --run-id given)", agreed)
+    return agreed
 
 
 def open_store(info: DistInfo, timeout_s: float):

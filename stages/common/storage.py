@@ -13,6 +13,7 @@ AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -194,12 +195,19 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def _atomic_local_write(path: str, data: bytes) -> None:
+    with _local_atomic(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def _local_atomic(path: str) -> Iterator[Any]:
+    """A temporary file in the target's folder, fsynced and renamed onto it on a clean exit."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates 0600; give the file the mode a plain open() would have
@@ -209,6 +217,32 @@ def _atomic_local_write(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def open_atomic_write(uri: str, block_size: int = 64 * 2**20) -> Iterator[Any]:
+    """A binary stream to a new object that appears whole on a clean exit, and not at all otherwise.
+
+    Local: a temporary file in the same folder, fsynced and renamed into place. Object stores:
+    fsspec's buffered writer (on S3 a multipart upload of `block_size` parts, which the store
+    publishes only when completed), discarded (multipart aborted) on error. One attempt: callers
+    retry the whole write, as a stream cannot be rewound.
+    """
+    fs, path = filesystem(uri)
+    if "file" in _protocols(fs):
+        with _local_atomic(path) as f:
+            yield f
+        return
+    f = fs.open(path, "wb", block_size=block_size)
+    try:
+        yield f
+    except BaseException:
+        try:  # abort the multipart upload; the store may be the thing that failed
+            f.discard()
+        except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+            log.debug("discarding the partial upload of %s failed: %s", uri, exc)
+        raise
+    f.close()
 
 
 def write_text(uri: str, text: str) -> None:
@@ -273,7 +307,10 @@ def delete(uri: str, recursive: bool = False) -> None:
 
     def _rm() -> None:
         try:
-            fs.rm(path, recursive=recursive)
+            if recursive:
+                fs.rm(path, recursive=True)
+            else:  # s3fs's rm() is a bulk delete that ignores per-key errors (AccessDenied)
+                fs.rm_file(path)
         except FileNotFoundError:
             pass
     retrying("deleting", uri, _rm)

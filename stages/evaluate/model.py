@@ -8,11 +8,10 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from stages.common import checkpoints, models, storage
+from stages.common import checkpoint_model, storage
 from stages.common.errors import DataError
 
 EXPORT_CONFIG = "open_clip_config.json"
@@ -39,40 +38,10 @@ def load_model(uri: str, device: torch.device) -> LoadedModel:
 
 
 def _from_checkpoint(uri: str) -> LoadedModel:
-    import open_clip
-
-    ckpt = checkpoints.load(uri)
-    path = ckpt["uri"]
-    name = _register(ckpt, path)
-    preprocess_cfg = ckpt.get("preprocess_cfg") or {}
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name, image_mean=preprocess_cfg.get("mean"), image_std=preprocess_cfg.get("std"),
-        image_interpolation=preprocess_cfg.get("interpolation"),
-        image_resize_mode=preprocess_cfg.get("resize_mode"))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise DataError(f"{path}: its weights do not fit model {name!r}: {exc}") from exc
-    step = ckpt.get("step")
-    return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), ckpt.get("model_name") or name,
-                       path, int(step) if step is not None else None)
-
-
-def _register(ckpt: dict[str, Any], path: str) -> str:
-    """The open_clip name to build; a config carried in the checkpoint is registered under it."""
-    import open_clip
-
-    name = ckpt.get("model_name") or ""
-    model_cfg = ckpt.get("model_cfg")
-    if isinstance(model_cfg, dict):
-        name = name or "clipforge-checkpoint"
-        models.register_config(name, model_cfg)
-        return name
-    models.register_builtin_configs()
-    if name and name in open_clip.list_models():
-        return name
-    raise DataError(f"{path}: the checkpoint names no usable model (model_name={name!r}, no model_cfg); "
-                    "it is not a clipforge checkpoint")
+    loaded = checkpoint_model.load(uri)
+    ckpt = loaded.checkpoint
+    return LoadedModel(loaded.model, loaded.preprocess, loaded.tokenizer, ckpt.model_name or loaded.name,
+                       ckpt.uri, ckpt.step)
 
 
 def _from_export(uri: str) -> LoadedModel:

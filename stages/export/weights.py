@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from stages.common import checkpoints, models
-from stages.common.errors import DataError
+from stages.common import checkpoint_model
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -17,26 +16,9 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 
 
 def load_checkpoint_model(uri: str) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
-    """(model with the checkpoint's weights, the checkpoint, its open_clip model config)."""
-    import open_clip
-
-    ckpt = checkpoints.load(uri)
-    path, name, model_cfg = ckpt["uri"], ckpt.get("model_name") or "", ckpt.get("model_cfg")
-    if isinstance(model_cfg, dict):
-        name = name or "clipforge-checkpoint"
-        models.register_config(name, model_cfg)
-    else:
-        models.register_builtin_configs()
-        model_cfg = open_clip.get_model_config(name) if name else None
-        if model_cfg is None:
-            raise DataError(f"{path}: the checkpoint names no usable model (model_name={name!r}, no "
-                            "model_cfg); it is not a clipforge checkpoint")
-    model = open_clip.create_model(name, force_preprocess_cfg=ckpt.get("preprocess_cfg") or {})
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise DataError(f"{path}: its weights do not fit model {name!r}: {exc}") from exc
-    return model.eval(), ckpt, model_cfg
+    """(model with the checkpoint's weights, the checkpoint's facts, its open_clip model config)."""
+    loaded = checkpoint_model.load(uri)
+    return loaded.model, loaded.checkpoint.summary(), loaded.model_cfg
 
 
 def hub_config(model: torch.nn.Module, model_cfg: dict[str, Any], ckpt: dict[str, Any]) -> dict[str, Any]:

@@ -64,7 +64,8 @@ class TrainConfig(CommonConfig):
     seed: int = _f(0, "random seed")
     # checkpoints and resume
     save_every_steps: int = _f(1000, "write a checkpoint every N steps (and always at the end); 0: end only")
-    keep_last: int = _f(0, "keep only the newest K checkpoints (0: keep all)")
+    keep_last: int = _f(5, "keep only the newest K step checkpoints (0: keep all); LATEST's target "
+                           "and the earlier ones it falls back to are never deleted")
     resume: str = _f("", "'latest' (this run's checkpoints, if any) or a checkpoint URI")
     max_nonfinite_steps: int = _f(20, "stop after this many non-finite losses in a row")
     step_timeout: float = _f(0.0, "seconds without step progress after which a rank logs where it hung "
@@ -75,6 +76,10 @@ class TrainConfig(CommonConfig):
     log_every_n_steps: int = _f(100, "log a progress line every N steps")
     tensorboard: str = _f("", "write TensorBoard scalars to this local folder (needs the tensorboard package)")
     peak_flops: float = _f(0.0, "peak FLOP/s of one device for MFU (default: looked up for known GPUs)")
+
+    def __post_init__(self) -> None:
+        # without --run-id every rank would pick its own; stages.common.distributed makes them agree
+        self.run_id_given = bool(self.run_id)
 
     @property
     def checkpoint_dir(self) -> str:

@@ -674,6 +674,19 @@ class DataInfo:
         """Position in the data: epoch and batches consumed in it (the same on every rank)."""
         return {"epoch": self.epoch, "batches": self.loader.consumed, **self.extra}
 
+    def state_dict(self) -> dict:
+        """This rank's data position, plain values only (the checkpoint manager gathers every rank's)."""
+        return self.state()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from {"world_size": W, "ranks": [each rank's state_dict()]}; "ranks" [] is an epoch start.
+
+        The position here is the same on every rank, so rank 0's entry serves all of them.
+        """
+        ranks = state.get("ranks") or []
+        self.loader.dataset.skip_batches.value = _resume_batches(
+            ranks[0] if ranks else None, self.epoch, self.num_batches, self.extra["global_batch_size"])
+
 
 # ---------------------------------------------------------------- building loaders
 
@@ -705,7 +718,7 @@ def _resume_batches(resume_state: dict | None, epoch: int, num_batches: int, per
 
 
 def get_train_data(cfg: Any, preprocess: Callable, tokenizer: Callable, *, rank: int, world_size: int,
-                   epoch: int = 0, resume_state: dict | None = None) -> DataInfo:
+                   epoch: int = 0) -> DataInfo:
     sources = resolve_sources(cfg.train_data, getattr(cfg, "train_data_upsampling_factors", None) or None)
     if any(s.weight != 1.0 for s in sources) and not cfg.dataset_resampled:
         raise DataError("--train-data-upsampling-factors needs --dataset-resampled (sampling with "
@@ -728,7 +741,6 @@ def get_train_data(cfg: Any, preprocess: Callable, tokenizer: Callable, *, rank:
     info = DataInfo(_loader(dataset, workers), num_batches, num_batches * global_batch,
                     extra={"global_batch_size": global_batch})
     info.set_epoch(epoch)
-    dataset.skip_batches.value = _resume_batches(resume_state, epoch, num_batches, global_batch)
     return info
 
 

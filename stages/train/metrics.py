@@ -36,7 +36,14 @@ class TrainMetrics:
         self.data_wait = m.counter("data_wait_seconds_total", "Time spent waiting for batches")
         self.samples_per_second = m.gauge("samples_per_second", "Training throughput (all ranks)")
         self.mfu = m.gauge("mfu_ratio", "Model FLOPs utilization (0-1)")
-        self.ckpt_seconds = m.gauge("checkpoint_duration_seconds", "Time the last checkpoint took")
+        self.ckpt_seconds = m.gauge("checkpoint_duration_seconds",
+                                    "Time the last checkpoint took to write (in the background)")
+        self.ckpt_blocking_seconds = m.gauge("checkpoint_blocking_seconds",
+                                             "Time the last checkpoint held up the training loop")
+        self.ckpt_fallbacks = m.counter("checkpoint_fallbacks_total",
+                                        "Resumes that skipped a missing/corrupt checkpoint for an earlier one")
+        self.ckpt_prune_failures = m.counter("checkpoint_prune_failures_total",
+                                             "Old checkpoints --keep-last could not delete")
         self.ckpt_step = m.gauge("last_checkpoint_step", "Step of the last checkpoint")
         self.ckpt_time = m.gauge("last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint")
         self.nonfinite = m.counter("nonfinite_steps_total", "Steps skipped for a NaN/Inf loss")

@@ -72,7 +72,7 @@ def read_weights(uri: str) -> dict[str, torch.Tensor]:
             return load_safetensors(storage.read_bytes(uri))
         except Exception as exc:
             raise DataError(f"--pretrained {uri}: not a readable safetensors file: {exc}") from exc
-    return checkpoints.load(uri)["model"]
+    return checkpoints.read(uri).model
 
 
 def load_pretrained(model: torch.nn.Module, uri: str) -> None:

@@ -28,19 +28,68 @@ def can_fuse(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
+class Schedule:
+    """open_clip_train's LR schedules, counted in steps of a reference global batch.
+
+    The reference is the global batch (samples per optimizer step) of the run that started the
+    schedule; a resume restores it and the reference step reached, so a run resumed on another
+    world size, per-rank batch or --accum-freq continues the same curve in samples instead of
+    restarting a horizon measured in its own steps. Without a layout change the reference step is
+    the optimizer step and the LR is exactly open_clip_train's. Stateful: state_dict() is saved
+    with a checkpoint, load_state_dict() restores the reference.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, global_batch: int,
+                 epoch_samples: int):
+        self.optimizer, self.cfg = optimizer, cfg
+        self.global_batch = global_batch        # this run's samples per optimizer step
+        self.ref_batch = global_batch           # the schedule's samples per (reference) step
+        self.epoch_samples = epoch_samples
+        self.ref_step_at, self.step_at = 0.0, 0  # a (reference step, step) pair on the curve
+        self.total_ref_steps = 0.0
+        self._fn = None
+
+    def set_horizon(self, total_samples: int) -> None:
+        """The samples the whole schedule spans (warmup, cosine horizon)."""
+        cfg, ref = self.cfg, self.ref_batch
+        self.total_ref_steps = total_samples / ref
+        if self.total_ref_steps == int(self.total_ref_steps):
+            self.total_ref_steps = int(self.total_ref_steps)
+        if cfg.lr_scheduler == "cosine":
+            self._fn = cosine_lr(self.optimizer, cfg.lr, cfg.warmup, self.total_ref_steps)
+        elif cfg.lr_scheduler == "const":
+            self._fn = const_lr(self.optimizer, cfg.lr, cfg.warmup, self.total_ref_steps)
+        else:
+            cooldown = int(self.epoch_samples / ref * cfg.epochs_cooldown)
+            self._fn = const_lr_cooldown(self.optimizer, cfg.lr, cfg.warmup, self.total_ref_steps,
+                                         cooldown, cfg.lr_cooldown_power, cfg.lr_cooldown_end)
+
+    def ref_step(self, step: int) -> float:
+        if self.ref_batch == self.global_batch:
+            return self.ref_step_at + (step - self.step_at)
+        return self.ref_step_at + (step - self.step_at) * self.global_batch / self.ref_batch
+
+    def __call__(self, step: int) -> float:
+        """Set the optimizer's LR for `step` and return it."""
+        return self._fn(self.ref_step(step))
+
+    def state_dict(self, step: int = 0) -> dict:
+        return {"name": self.cfg.lr_scheduler, "base_lr": self.cfg.lr, "warmup": self.cfg.warmup,
+                "ref_global_batch": self.ref_batch, "total_ref_steps": self.total_ref_steps,
+                "step": step, "ref_step": self.ref_step(step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's position on the curve (format 1 had no reference: its own)."""
+        self.ref_batch = int(state.get("ref_global_batch") or self.global_batch)
+        self.step_at = int(state.get("step", 0))
+        self.ref_step_at = float(state.get("ref_step", self.step_at))
+        if self.ref_step_at == int(self.ref_step_at):
+            self.ref_step_at = int(self.ref_step_at)
+
+
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int,
-                     steps_per_epoch: int):
-    """A function step -> lr that also sets the optimizer's LR; a pure function of the step."""
-    if cfg.lr_scheduler == "cosine":
-        return cosine_lr(optimizer, cfg.lr, cfg.warmup, total_steps)
-    if cfg.lr_scheduler == "const":
-        return const_lr(optimizer, cfg.lr, cfg.warmup, total_steps)
-    cooldown_steps = int(steps_per_epoch * cfg.epochs_cooldown)
-    return const_lr_cooldown(optimizer, cfg.lr, cfg.warmup, total_steps, cooldown_steps,
-                             cfg.lr_cooldown_power, cfg.lr_cooldown_end)
-
-
-def scheduler_state(cfg: TrainConfig, total_steps: int, steps_per_epoch: int, step: int) -> dict:
-    """What defines the schedule, saved with a checkpoint (the schedule itself is stateless)."""
-    return {"name": cfg.lr_scheduler, "base_lr": cfg.lr, "warmup": cfg.warmup,
-            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "step": step}
+                     steps_per_epoch: int) -> Schedule:
+    """The schedule of a run that keeps one layout: `total_steps` steps of one global batch."""
+    schedule = Schedule(optimizer, cfg, global_batch=1, epoch_samples=steps_per_epoch)
+    schedule.set_horizon(total_steps)
+    return schedule

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stages.train import cli
-from stages.train.checkpoint import NonFiniteWeightsError, assert_finite
+from stages.train.checkpoint_manager import NonFiniteWeightsError, assert_finite
 from stages.train.loop import NonFiniteGuard, NonFiniteLossError, parse_step_set
 
 

@@ -119,9 +119,10 @@ def test_resume_continues_the_epoch_without_replaying(local_shards, transforms):
     interrupted = data.get_train_data(c, val_tf, tok, rank=0, world_size=1)
     it = iter(interrupted.loader)
     consumed = [next(it) for _ in range(5)]
-    state = interrupted.state()
+    state = interrupted.state_dict()
     assert state["epoch"] == 0 and state["batches"] == 5
-    resumed = data.get_train_data(c, val_tf, tok, rank=0, world_size=1, resume_state=state)
+    resumed = data.get_train_data(c, val_tf, tok, rank=0, world_size=1)
+    resumed.load_state_dict({"world_size": 1, "ranks": [state]})
     assert resumed.batches_left() == 7
     rest = epoch_batches(resumed)
     assert sample_ids(consumed) + sample_ids(rest) == sample_ids(everything)

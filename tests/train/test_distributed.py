@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import hashlib
 import re
-import signal
 
 import pytest
 import torch
 from trainrun import (
-    children,
+    kill_a_worker_when,
     latest,
     load_checkpoint,
     run,
@@ -18,7 +17,6 @@ from trainrun import (
     step_lines,
     torchrun_cmd,
     train_env,
-    wait_for,
 )
 
 from tests.conftest import free_port
@@ -75,20 +73,24 @@ def test_sigkill_one_rank_resumes_from_latest(train_shards, tmp_path, cli_env):
                                    "--run-id", "kill", "--steps", "60", "--save-every-steps", "5",
                                    "--resume", "latest"])
     proc = start(cmd, train_env(cli_env), tmp_path / "log")
-    try:
-        wait_for(lambda: (p := latest(ckpts)) and p["step"] >= 10, 180, "a checkpoint at step 10", proc)
-        saved_before_kill = latest(ckpts)["step"]
-        workers = wait_for(lambda: children(proc.pid), 10, "torchrun's workers", proc)
-        os.kill(workers[-1], signal.SIGKILL)
-        assert proc.wait(300) == 0, (tmp_path / "log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    seen = []
+    kill_a_worker_when(lambda: (p := latest(ckpts)) and p["step"] >= 10 and not seen.append(p["step"]),
+                       "a checkpoint at step 10", proc, tmp_path / "log")
+    saved_before_kill = seen[-1]
     log = (tmp_path / "log").read_text()
     resumed = [int(s) for s in re.findall(r"resumed from \S+step_(\d+)\.pt at step", log)]
     assert len(resumed) == 1 and resumed[0] >= saved_before_kill, (resumed, saved_before_kill)
-    assert latest(ckpts)["step"] == 60
-    assert not (ckpts / "step_65.pt").exists()
+    pointer = latest(ckpts)
+    assert pointer["step"] == 60 and [e["step"] for e in pointer["history"]] == [55, 50, 45]
+    # saves every 5 steps; the default --keep-last 5 leaves the newest five, LATEST's among them
+    assert sorted(int(p.stem.removeprefix("step_")) for p in ckpts.glob("step_*.pt")) == [40, 45, 50, 55, 60]
+    final = load_checkpoint(pointer["uri"])  # a plain torch.load(weights_only=True)
+    assert hashlib.sha256((ckpts / "step_60.pt").read_bytes()).hexdigest() == pointer["sha256"]
+    assert final["progress"]["step"] == 60 and final["samples_seen"] == 60 * 16 * 2
+    rng = final["rng"]["ranks"]  # every rank's generators, each its own
+    assert final["rng"]["world_size"] == 2 and len(rng) == 2
+    assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    assert final["data"]["world_size"] == 2 and len(final["data"]["ranks"]) == 2
     record = run_json(tmp_path / "kill")["stages"]["train"]
     assert record["outputs"]["step"] == 60
     assert record["inputs"]["resumed_from"].endswith(f"step_{resumed[0]}.pt")

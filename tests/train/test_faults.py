@@ -63,8 +63,8 @@ def test_store_down_during_checkpoint_write_is_retried(flaky_s3, moto_server, tr
     final = latest_is_whole()
     assert final["step"] == 30 and set(seen) <= {5, 10, 15, 20, 25, 30}
     assert "checkpoint step 10 ->" in log.read_text()
-    ckpt = checkpoints.load(f"{bucket_uri}/flaky/checkpoints")
-    assert ckpt["step"] == 30 and ckpt["model_name"] == "clipforge-micro"
+    ckpt = checkpoints.read(f"{bucket_uri}/flaky/checkpoints")
+    assert ckpt.step == 30 and ckpt.model_name == "clipforge-micro" and ckpt.fallbacks == []
 
 
 @pytest.mark.slow
@@ -108,3 +108,31 @@ def test_resume_from_s3_continues_steps_lr_and_data(s3, train_shards, tmp_path, 
     lr9 = 1e-3 * 0.5 * (1 + math.cos(math.pi * (8 - 2) / (16 - 2)))  # open_clip's cosine after warmup 2
     assert resumed[0][1] == pytest.approx(lr9, rel=1e-3)
     assert checkpoints.read_latest(f"{s3}/b/checkpoints")["step"] == 16
+
+
+@pytest.mark.slow
+def test_a_checkpoint_store_that_stays_down_stops_the_run_clearly(flaky_s3, moto_server, train_shards,
+                                                                  tmp_path, cli_env):
+    bucket_uri, proxy = flaky_s3
+    bucket = bucket_uri.removeprefix("s3://")
+    direct = boto3.client("s3", endpoint_url=moto_server.endpoint)  # bypasses the proxy
+    env = _aws_env(cli_env, CLIPFORGE_STORAGE_RETRIES="2", CLIPFORGE_STORAGE_BACKOFF_S="0.05")
+    cmd = stage_cmd("--train-data", str(train_shards), "--root", bucket_uri, "--run-id", "gone",
+                    "--steps", "60", "--save-every-steps", "5", "--log-every-n-steps", "5")
+    log = tmp_path / "log"
+    proc = start(cmd, env, log)
+    try:
+        wait_for(lambda: "checkpoint step 5 ->" in log.read_text(), 120, "the first checkpoint", proc)
+        proxy.down()  # and it stays down
+        assert proc.wait(120) == 4, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    failed = re.search(r"clipforge train: error: checkpoint step (\d+) could not be written: .* failed after "
+                       r"3 attempts: .*; LATEST still names \S+step_(\d+)\.pt", text)
+    assert failed, text[-3000:]
+    pointer = json.loads(direct.get_object(Bucket=bucket, Key="gone/checkpoints/LATEST")["Body"].read())
+    assert pointer["step"] == int(failed[2]) < int(failed[1])
+    body = direct.get_object(Bucket=bucket, Key=pointer["uri"].removeprefix(f"{bucket_uri}/"))["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == pointer["sha256"]  # LATEST names a whole checkpoint

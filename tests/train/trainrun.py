@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -82,6 +83,18 @@ def children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(c) for c in text.split()]
+
+
+def kill_a_worker_when(ready, what: str, proc: subprocess.Popen, log: Path) -> None:
+    """Once `ready()` holds, SIGKILL one of torchrun's workers; torchrun must then finish the run."""
+    try:
+        wait_for(ready, 180, what, proc)
+        workers = wait_for(lambda: children(proc.pid), 10, "torchrun's workers", proc)
+        os.kill(workers[-1], signal.SIGKILL)
+        assert proc.wait(300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def run_json(run_dir: Path) -> dict:
