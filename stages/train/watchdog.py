@@ -161,14 +161,20 @@ class Watchdog:
         return out
 
     def _give_up(self, stalled: float, limit: float, why: str) -> None:
+        try:
+            self._report(stalled, limit, why)
+        finally:  # exit even when the report cannot be written: a hung job must end
+            self._exit(EXIT_CODE)
+
+    def _report(self, stalled: float, limit: float, why: str) -> None:
         peers = self.peers()
         log.error("watchdog: rank %d made no step progress for %.0fs (limit %.0fs): %shung in %s "
                   "after step %d; %s. Exiting with code %d so the worker group restarts "
                   "(resume with --resume latest)", self.info.rank, stalled, limit, why, self.phase_name,
                   self.step, "; ".join(peers) if peers else "no peer looks stuck", EXIT_CODE)
         for handler in logging.getLogger().handlers:
-            handler.flush()
-        self._exit(EXIT_CODE)
+            with contextlib.suppress(Exception):  # a closed stream must not keep the job alive
+                handler.flush()
 
 
 def main_only(watchdog: Watchdog, info: DistInfo, name: str, key: str, work: Callable[[], Any]) -> Any:
