@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import http.server
 import json
 import os
@@ -105,12 +106,14 @@ def make_wheelhouse(folder: Path) -> Path:
     """Wheels for every image's packages, at constraints.txt's versions; kept if already there."""
     folder.mkdir(parents=True, exist_ok=True)
     stamp = folder / ".complete"
-    if stamp.exists():
+    wanted = hashlib.sha256("\n".join([(REPO / "constraints.txt").read_text(), *wheel_requirements()])
+                            .encode()).hexdigest()
+    if stamp.exists() and stamp.read_text().strip() == wanted:
         return folder
     log(f"making the wheelhouse in {folder}")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(folder),
                     "-c", str(REPO / "constraints.txt"), *wheel_requirements()], check=True, cwd=REPO)
-    stamp.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+    stamp.write_text(wanted + "\n")  # what it was made for: a new pin makes it again
     return folder
 
 
@@ -243,10 +246,14 @@ def main(argv=None) -> int:
     try:
         started = time.monotonic()
         base = args.base_image or bootstrap_base()
+        base_s = round(time.monotonic() - started, 1)
         wheelhouse = make_wheelhouse(Path(args.wheelhouse).resolve()) if args.wheelhouse else None
+        wheelhouse_s = round(time.monotonic() - started - base_s, 1)
         report = build_images(args.stages, base=base, wheelhouse=wheelhouse, registry=args.registry,
                               tag=args.tag, push=args.push)
-        report["total_s"] = round(time.monotonic() - started, 1)
+        report.update(base_s=base_s, base_size_bytes=image_size(base), wheelhouse_s=wheelhouse_s,
+                      storage_driver=docker("info", "--format", "{{.Driver}}", capture=True).stdout.strip(),
+                      total_s=round(time.monotonic() - started, 1))
     finally:
         if engine:
             engine.stop()

@@ -34,7 +34,7 @@ RUN (getent group 1000 >/dev/null || groupadd --gid 1000 clipforge) \
 RUN pip install --no-cache-dir ${WHEELHOUSE:+--no-index --find-links $WHEELHOUSE} -c constraints.txt $(python3 deps.py train evaluate export pipeline)
 
 COPY . ./
-RUN pip install --no-cache-dir --no-deps ${WHEELHOUSE:+--no-index --find-links $WHEELHOUSE} -c constraints.txt . \
+RUN pip install --no-cache-dir ${WHEELHOUSE:+--no-index --find-links $WHEELHOUSE} -c constraints.txt --no-deps . \
  && rm -rf build ./*.egg-info
 
 USER 1000:1000

@@ -15,6 +15,7 @@ from stages.common.cli import stage_main
 from stages.common.config import to_dict
 from stages.common.errors import DataError
 from stages.common.logs import setup_logging
+from stages.common.redact import redact_text
 from stages.common.runinfo import record_stage
 from stages.download import demo, shards
 from stages.download.config import DownloadConfig
@@ -22,7 +23,7 @@ from stages.download.demo_server import ImageServer
 from stages.download.img2ds import img2dataset_kwargs, prepare_resume, run_img2dataset
 from stages.download.manifest import build_manifest
 from stages.download.metrics import DownloadMetrics
-from stages.download.urllist import UrlList, check_url_list, detect_format
+from stages.download.urllist import UrlList, check_url_list, detect_format, local_copy_if_signed
 from stages.download.watch import ShardWatcher
 
 PACKAGES = ("img2dataset", "webdataset", "fsspec", "s3fs", "pyarrow", "pillow")
@@ -118,10 +119,10 @@ def run(cfg: DownloadConfig) -> int:
     metrics = DownloadMetrics(cfg.run_id)
     metrics.stage.serve(cfg.metrics_port, cfg.metrics_addr)
     try:
-        with (demo_url_list(cfg, log) if cfg.demo else contextlib.nullcontext(cfg.url_list)) as uri:
+        with (demo_url_list(cfg, log) if cfg.demo else local_copy_if_signed(cfg.url_list)) as uri:
             fmt = "parquet" if cfg.demo else detect_format(uri, cfg.input_format)
             urls = check_url_list(uri, fmt, cfg.url_col, cfg.caption_col, cfg.save_additional_columns)
-            label = f"demo:samples={cfg.demo_samples},seed={cfg.demo_seed}" if cfg.demo else uri
+            label = f"demo:samples={cfg.demo_samples},seed={cfg.demo_seed}" if cfg.demo else redact_text(cfg.url_list)
             manifest = download(cfg, urls, label, log, metrics)
         evalset = storage.join(cfg.run_dir, "evalsets", "demo") if cfg.demo else None
         outputs = {"data": cfg.data_dir, "manifest": storage.join(cfg.data_dir, "manifest.json"),

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from stages.common import storage
 from stages.common.errors import ConfigError, DataError, StorageError
@@ -21,12 +26,30 @@ class UrlList:
     columns: list[str]
 
 
+@contextlib.contextmanager
+def local_copy_if_signed(uri: str) -> Iterator[str]:
+    """A URL list behind a signed URL (one with a query string) as a local file while img2dataset runs.
+
+    img2dataset prints the name of the file it reads; a presigned URL's signature must not reach the
+    logs. The list is fetched once, right away, while the signature is still valid.
+    """
+    if "://" not in uri or not urlsplit(uri).query:
+        yield uri
+        return
+    name = urlsplit(uri).path.rstrip("/").rsplit("/", 1)[-1] or "urls"
+    with tempfile.TemporaryDirectory(prefix="clipforge-urls-") as tmp:
+        local = os.path.join(tmp, name)
+        storage.download_file(uri, local)
+        yield local
+
+
 def detect_format(uri: str, given: str = "") -> str:
     if given:
         if given not in FORMATS:
             raise ConfigError(f"--input-format {given!r} is not one of {', '.join(FORMATS)}")
         return given
-    name = uri.rstrip("/").rsplit("/", 1)[-1].lower()
+    path = urlsplit(uri).path if "://" in uri else uri  # a presigned URL's query is not part of its name
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
     for fmt in FORMATS:
         if name.endswith("." + fmt):
             return fmt

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -66,7 +65,7 @@ def _register(ckpt: dict[str, Any], path: str) -> str:
     model_cfg = ckpt.get("model_cfg")
     if isinstance(model_cfg, dict):
         name = name or "clipforge-checkpoint"
-        models.register_config(name, model_cfg)
+        models.register_config(name, model_cfg, path)
         return name
     models.register_builtin_configs()
     if name and name in open_clip.list_models():
@@ -83,8 +82,7 @@ def _from_export(uri: str) -> LoadedModel:
     if local is None:
         local = tempfile.mkdtemp(prefix="clipforge-export-")
         atexit.register(shutil.rmtree, local, ignore_errors=True)
-        for src in storage.walk_files(uri):
-            storage.download_file(src, os.path.join(local, src[len(uri):].lstrip("/")))
+        storage.download_folder(uri, local)
     config = storage.read_json(storage.join(uri, EXPORT_CONFIG))
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{local}")

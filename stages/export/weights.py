@@ -10,6 +10,7 @@ import torch
 
 from stages.common import checkpoints, models
 from stages.common.errors import DataError
+from stages.common.redact import redact
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -24,7 +25,7 @@ def load_checkpoint_model(uri: str) -> tuple[torch.nn.Module, dict[str, Any], di
     path, name, model_cfg = ckpt["uri"], ckpt.get("model_name") or "", ckpt.get("model_cfg")
     if isinstance(model_cfg, dict):
         name = name or "clipforge-checkpoint"
-        models.register_config(name, model_cfg)
+        models.register_config(name, model_cfg, path)
     else:
         models.register_builtin_configs()
         model_cfg = open_clip.get_model_config(name) if name else None
@@ -59,6 +60,6 @@ def write_layout(folder: str, model: torch.nn.Module, model_cfg: dict[str, Any],
     from safetensors.torch import save_file
 
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(hub_config(model, model_cfg, ckpt), f, indent=2)
+        json.dump(redact(hub_config(model, model_cfg, ckpt)), f, indent=2)  # public, like the card
     save_file(cast_state_dict(model, dtype), os.path.join(folder, WEIGHTS_NAME),
               metadata={"format": "pt", "dtype": dtype})
