@@ -151,7 +151,9 @@ def build(stage: str, name: str, base: str, wheelhouse_url: str) -> float:
                   env={**os.environ, "DOCKER_BUILDKIT": "0"})
     if proc.returncode != 0:
         raise SystemExit(f"docker build of {stage} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return round(time.monotonic() - started, 1)
+    seconds = round(time.monotonic() - started, 1)
+    log(f"built {name} in {seconds} s")
+    return seconds
 
 
 def build_images(stages, *, base: str, wheelhouse: Path | None, registry: str, tag: str,
@@ -247,8 +249,10 @@ def main(argv=None) -> int:
         started = time.monotonic()
         base = args.base_image or bootstrap_base()
         base_s = round(time.monotonic() - started, 1)
+        log(f"base {base} ready after {base_s} s")
         wheelhouse = make_wheelhouse(Path(args.wheelhouse).resolve()) if args.wheelhouse else None
         wheelhouse_s = round(time.monotonic() - started - base_s, 1)
+        log(f"wheelhouse ready after {wheelhouse_s} s")
         report = build_images(args.stages, base=base, wheelhouse=wheelhouse, registry=args.registry,
                               tag=args.tag, push=args.push)
         report.update(base_s=base_s, base_size_bytes=image_size(base), wheelhouse_s=wheelhouse_s,

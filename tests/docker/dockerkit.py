@@ -23,9 +23,12 @@ def build_env(docker_host: str) -> dict[str, str]:
     return {**os.environ, "DOCKER_HOST": docker_host}
 
 
-def run_build(docker_host: str, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+def run_build(docker_host: str, *args: str, timeout: int = 3000, show_progress: bool = False
+              ) -> subprocess.CompletedProcess:
+    """docker/build.py as `make images` runs it; with show_progress its log goes to the test's stderr."""
     return subprocess.run([sys.executable, str(REPO / "docker" / "build.py"), *args], cwd=REPO,
-                          env=build_env(docker_host), capture_output=True, text=True, timeout=timeout)
+                          env=build_env(docker_host), stdout=subprocess.PIPE,
+                          stderr=None if show_progress else subprocess.PIPE, text=True, timeout=timeout)
 
 
 def docker(docker_host: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

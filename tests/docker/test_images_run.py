@@ -17,7 +17,8 @@ from dockerkit import REGISTRY, TAG, docker, run_build
 
 from pipelines.podspec import RUN_AS_USER, WRITABLE_DIRS
 
-pytestmark = pytest.mark.slow
+# The first test pays for the session fixture: bootstrap, wheelhouse and four builds (minutes).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 STAGES = ("download", "train", "evaluate", "export")
 
 
