@@ -55,3 +55,32 @@ def test_model_names_from_a_checkpoint_are_checked_before_they_become_file_names
 def test_valid_model_names_register(tmp_path):
     models.register_config("my-model_v1.2+cf", models.model_config("clipforge-micro"), source="s3://b/c.pt")
     assert "my-model_v1.2+cf" in open_clip.list_models()
+
+
+def _export_to(s3: str, tmp_path) -> str:
+    """A real export (the export stage's output) of a micro model, uploaded to the store."""
+    from stages.export import weights
+
+    models.register_builtin_configs()
+    model = open_clip.create_model("clipforge-micro")
+    ckpt = {"model_name": "clipforge-micro", "step": 3, "uri": f"{s3}/runs/r1/checkpoints/step_3.pt"}
+    folder = tmp_path / "export"
+    folder.mkdir()
+    weights.write_layout(str(folder), model, models.model_config("clipforge-micro"), ckpt, "fp32")
+    for path in folder.iterdir():
+        storage.upload_file(str(path), f"{s3}/runs/r1/export/{path.name}")
+    return f"{s3}/runs/r1/export"
+
+
+def test_evaluate_loads_a_remote_export_and_refuses_one_with_an_escaping_key(s3, tmp_path):
+    import torch
+
+    from stages.evaluate.model import load_model
+
+    export = _export_to(s3, tmp_path)
+    loaded = load_model(export, torch.device("cpu"))
+    assert loaded.step == 3
+    _put(s3, "runs/r1/export/../../../../../../tmp/clipforge-escaped.txt", b"evil")
+    with pytest.raises(DataError, match="would be written outside"):
+        load_model(export, torch.device("cpu"))
+    assert not os.path.exists("/tmp/clipforge-escaped.txt")
