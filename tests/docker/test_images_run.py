@@ -67,7 +67,7 @@ def test_download_image_has_no_torch_and_the_train_image_has_the_launcher(docker
     assert proc.stdout.split() == ["False", "True", "True"], proc.stderr
     probe = "import torch, open_clip, kubeflow.training, pipelines.launcher; print(torch.__version__)"
     proc = docker(docker_engine, "run", *locked_down({}), "--entrypoint", "python", image("train"), "-c", probe)
-    assert proc.returncode == 0 and proc.stdout.strip() == "2.14.1", proc.stderr[-2000:]
+    assert proc.returncode == 0 and proc.stdout.strip() == "2.14.1+cu130", proc.stderr[-2000:]  # the CUDA build
 
 
 def test_the_root_filesystem_is_read_only_and_the_user_is_not_root(docker_engine, stage_images):
