@@ -6,11 +6,17 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.clipforge-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS := prometheus prometheus-pushgateway
+DEBS := prometheus prometheus-pushgateway docker.io debootstrap
 RUN_ID ?= demo
 ROOT ?= ./runs
 REGISTRY ?= ghcr.io/clipforge
 TAG ?= latest
+# make images: BASE_IMAGE= bootstraps Debian bookworm (no registry needed); WHEELHOUSE is made from
+# constraints.txt when empty, or carried in for an air-gapped build; PUSH=1 pushes to REGISTRY.
+BASE_IMAGE ?=
+WHEELHOUSE ?= .wheelhouse
+PUSH ?=
+DOCKER_ENGINE_DIR ?= /var/lib/clipforge-docker
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps run test test-fast bench lint pipeline images monitor clean
@@ -24,7 +30,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[all]'
 	@touch $@
 
-# Debian packages the tests and `make monitor` run for real (Prometheus, Pushgateway, kubectl).
+# Debian packages the tests and `make monitor` run for real (Prometheus, Pushgateway, kubectl,
+# the Docker engine and debootstrap for the image tests).
 system-deps:
 	@missing=""; \
 	for pkg in $(DEBS); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
@@ -54,11 +61,12 @@ lint: setup
 pipeline: setup
 	$(VENV)/bin/clipforge pipeline compile --output pipelines/clip_pipeline.yaml
 
-images:
-	@for stage in download train evaluate export; do \
-	  docker build -f docker/$$stage.Dockerfile -t $(REGISTRY)/clipforge-$$stage:$(TAG) . && \
-	  docker push $(REGISTRY)/clipforge-$$stage:$(TAG) || exit 1; \
-	done
+# Uses the Docker engine $DOCKER_HOST reaches; with none (and as root) a private dockerd with its
+# data in DOCKER_ENGINE_DIR runs for the build and is stopped by its pid afterwards.
+images: setup system-deps
+	@engine=""; docker info >/dev/null 2>&1 || engine="--engine-dir $(DOCKER_ENGINE_DIR)"; \
+	$(PY) docker/build.py --wheelhouse $(WHEELHOUSE) --registry $(REGISTRY) --tag $(TAG) \
+	  $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE)) $(if $(PUSH),--push) $$engine
 
 monitor: setup system-deps
 	$(PY) -m stages.common.monitor_local --root $(ROOT)

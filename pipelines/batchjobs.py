@@ -86,5 +86,5 @@ def build_job(job: BatchJob) -> k8s.V1Job:
         api_version="batch/v1", kind="Job",
         metadata=k8s.V1ObjectMeta(name=job.name, namespace=job.namespace, labels=_labels(job)),
         spec=k8s.V1JobSpec(
-            template=_pod(job), backoff_limit=job.backoff_limit, active_deadline_seconds=job.active_deadline_s,
+            template=podspec.harden(_pod(job), job.stage), backoff_limit=job.backoff_limit, active_deadline_seconds=job.active_deadline_s,
             ttl_seconds_after_finished=job.ttl_s, **indexed))

@@ -1,4 +1,4 @@
-"""Namespace-wide objects of `k8s/base`: RBAC for the launcher, the S3 Secret template and ConfigMap."""
+"""Namespace-wide objects of `k8s/base`: service accounts and RBAC, the S3 Secret template and ConfigMap."""
 
 from __future__ import annotations
 
@@ -19,16 +19,20 @@ def namespace(name: str) -> k8s.V1Namespace:
                            metadata=k8s.V1ObjectMeta(name=name, labels=dict(_LABELS)))
 
 
+# Exactly the API calls of pipelines/launcher.py (through kubeflow-training's TrainingClient):
+# create_job, wait_for_job_conditions -> get_job, get_job_logs -> list pods + read (follow) their
+# logs, delete_job. tests/k8s/test_k8s_rbac.py records the launcher's requests and checks this set.
+LAUNCHER_RULES = (
+    ("kubeflow.org", "pytorchjobs", ("create", "get", "delete")),
+    ("", "pods", ("list",)),
+    ("", "pods/log", ("get",)),
+)
+
+
 def launcher_rbac(ns: str) -> list:
-    """What the pipeline's train step needs: manage PyTorchJobs, read their pods and logs."""
-    rules = [
-        k8s.V1PolicyRule(api_groups=["kubeflow.org"], resources=["pytorchjobs"],
-                         verbs=["create", "get", "list", "watch", "delete", "patch"]),
-        k8s.V1PolicyRule(api_groups=["kubeflow.org"], resources=["pytorchjobs/status"], verbs=["get"]),
-        k8s.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["get", "list", "watch"]),
-        k8s.V1PolicyRule(api_groups=[""], resources=["pods/log"], verbs=["get"]),
-        k8s.V1PolicyRule(api_groups=[""], resources=["events"], verbs=["get", "list", "watch"]),
-    ]
+    """The train step's identity: PyTorchJobs (create, get, delete) and its pods' logs, nothing else."""
+    rules = [k8s.V1PolicyRule(api_groups=[group], resources=[resource], verbs=list(verbs))
+             for group, resource, verbs in LAUNCHER_RULES]
     return [
         k8s.V1ServiceAccount(api_version="v1", kind="ServiceAccount", metadata=_meta(LAUNCHER_SA, ns)),
         k8s.V1Role(api_version="rbac.authorization.k8s.io/v1", kind="Role",
@@ -38,6 +42,13 @@ def launcher_rbac(ns: str) -> list:
             role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=LAUNCHER_SA),
             subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=LAUNCHER_SA, namespace=ns)]),
     ]
+
+
+def workload_service_accounts(ns: str) -> list:
+    """One identity per workload with no API rights and no token mounted (download, trainer pods, ...)."""
+    return [k8s.V1ServiceAccount(api_version="v1", kind="ServiceAccount", metadata=_meta(name, ns),
+                                 automount_service_account_token=False)
+            for name in sorted(set(podspec.SERVICE_ACCOUNTS.values()))]
 
 
 def s3_settings(ns: str) -> list:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines import cluster
+from pipelines import cluster, netpolicy
 from pipelines.batchjobs import build_job
 from pipelines.podspec import to_dict
 from pipelines.presets import NAMESPACE, PRESETS
@@ -56,7 +56,9 @@ def workloads(preset_name: str) -> dict[str, dict]:
 def base_files() -> dict[str, str]:
     files = {f"{stem}.yaml": _dump([obj]) for stem, obj in workloads("base").items()}
     files["namespace.yaml"] = _dump([to_dict(cluster.namespace(NAMESPACE))])
-    files["rbac.yaml"] = _dump([to_dict(o) for o in cluster.launcher_rbac(NAMESPACE)])
+    files["rbac.yaml"] = _dump([to_dict(o) for o in [*cluster.launcher_rbac(NAMESPACE),
+                                                     *cluster.workload_service_accounts(NAMESPACE)]])
+    files["networkpolicy.yaml"] = _dump([to_dict(o) for o in netpolicy.network_policies(NAMESPACE)])
     files["s3.yaml"] = _dump([to_dict(o) for o in cluster.s3_settings(NAMESPACE)])
     return files
 

@@ -160,3 +160,5 @@ def _cluster_settings(task, image_pull_policy: str, size: StepSize) -> None:
     kfk.add_pod_annotation(task, "sidecar.istio.io/inject", "false")
     kfk.set_security_context(task, run_as_user=podspec.RUN_AS_USER, run_as_group=podspec.RUN_AS_USER,
                              run_as_non_root=True)
+    for name, (path, limit) in podspec.WRITABLE_DIRS.items():  # what a read-only root filesystem needs
+        kfk.empty_dir_mount(task, volume_name=name, mount_path=path, size_limit=limit)

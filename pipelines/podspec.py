@@ -12,6 +12,12 @@ S3_SECRET = "clipforge-s3"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 S3_CONFIG_MAP = "clipforge-s3"  # AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, PUSHGATEWAY_URL
 GPU_RESOURCE = "nvidia.com/gpu"
 NO_ISTIO = {"sidecar.istio.io/inject": "false"}  # a sidecar keeps batch pods from finishing
+# Each workload's identity: no API rights, no token mounted (only the pipeline's train step, with
+# cluster.LAUNCHER_SA, talks to the API server).
+SERVICE_ACCOUNTS = {"download": "clipforge-download", "train": "clipforge-trainer",
+                    "evaluate": "clipforge-evaluate", "export": "clipforge-export"}
+# The root filesystem is read-only: scratch space and HOME (library caches) are the writable paths.
+WRITABLE_DIRS = {"tmp": ("/tmp", "4Gi"), "home": ("/home/clipforge", "4Gi")}
 
 
 def pod_security() -> k8s.V1PodSecurityContext:
@@ -22,7 +28,7 @@ def pod_security() -> k8s.V1PodSecurityContext:
 
 def container_security() -> k8s.V1SecurityContext:
     return k8s.V1SecurityContext(
-        allow_privilege_escalation=False, privileged=False, run_as_non_root=True,
+        allow_privilege_escalation=False, privileged=False, run_as_non_root=True, read_only_root_filesystem=True,
         capabilities=k8s.V1Capabilities(drop=["ALL"]),
         seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
 
@@ -45,6 +51,24 @@ def shm_volume(size: str) -> tuple[k8s.V1Volume, k8s.V1VolumeMount]:
     """A memory-backed /dev/shm: DataLoader workers and NCCL outgrow the runtime's 64 MiB default."""
     volume = k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=size))
     return volume, k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")
+
+
+def writable_volumes() -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
+    volumes = [k8s.V1Volume(name=name, empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=size))
+               for name, (_, size) in WRITABLE_DIRS.items()]
+    return volumes, [k8s.V1VolumeMount(name=name, mount_path=path) for name, (path, _) in WRITABLE_DIRS.items()]
+
+
+def harden(template: k8s.V1PodTemplateSpec, stage: str) -> k8s.V1PodTemplateSpec:
+    """The stage's service account without a token, and the emptyDirs a read-only root needs."""
+    volumes, mounts = writable_volumes()
+    spec = template.spec
+    spec.service_account_name = SERVICE_ACCOUNTS[stage]
+    spec.automount_service_account_token = False
+    spec.volumes = [*(spec.volumes or []), *volumes]
+    for container in spec.containers:
+        container.volume_mounts = [*(container.volume_mounts or []), *mounts]
+    return template
 
 
 def gpu_tolerations() -> list[k8s.V1Toleration]:

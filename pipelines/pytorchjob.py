@@ -128,7 +128,7 @@ def _replica_specs(job: TrainJob) -> dict[str, kf.KubeflowOrgV1ReplicaSpec]:
     """Static jobs: one Master and nodes-1 Workers. Elastic jobs: Workers only (the webhook wants them)."""
     def spec(replicas: int) -> kf.KubeflowOrgV1ReplicaSpec:
         return kf.KubeflowOrgV1ReplicaSpec(replicas=replicas, restart_policy="OnFailure",
-                                           template=_template(job))
+                                           template=podspec.harden(_template(job), "train"))
 
     if job.elastic:
         return {"Worker": spec(job.nodes)}

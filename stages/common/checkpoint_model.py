@@ -51,7 +51,7 @@ def _register(ckpt: checkpoints.Checkpoint) -> tuple[str, dict[str, Any]]:
     name = ckpt.model_name
     if isinstance(ckpt.model_cfg, dict):
         name = name or "clipforge-checkpoint"
-        models.register_config(name, ckpt.model_cfg)
+        models.register_config(name, ckpt.model_cfg, ckpt.uri)
         return name, ckpt.model_cfg
     models.register_builtin_configs()
     model_cfg = open_clip.get_model_config(name) if name else None

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 from stages.common.config import parse_config, print_config
 from stages.common.errors import ClipforgeError
+from stages.common.redact import redact_text
 
 C = TypeVar("C")
 
@@ -26,7 +27,7 @@ def stage_main(name: str, config_cls: type[C], run: Callable[[C], object],
         result = run(cfg)
         return result if isinstance(result, int) else 0
     except ClipforgeError as exc:
-        print(f"clipforge {name}: error: {exc}", file=sys.stderr)
+        print(f"clipforge {name}: error: {redact_text(str(exc))}", file=sys.stderr)  # pod logs are public-ish
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"clipforge {name}: interrupted", file=sys.stderr)

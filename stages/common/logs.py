@@ -8,9 +8,18 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from stages.common.redact import redact_text
+
 T = TypeVar("T")
 
 FORMAT = "%(asctime)s %(levelname)s [%(stage)s run=%(run_id)s rank=%(rank)s] %(name)s: %(message)s"
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Log lines go to pod logs and log stores: no credentials, presigned queries or internal hosts."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 class _ContextFilter(logging.Filter):
@@ -30,7 +39,7 @@ def setup_logging(stage: str, run_id: str, rank: int = 0, level: str = "INFO") -
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter(stage, run_id, rank))
-    handler.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
+    handler.setFormatter(_RedactingFormatter(FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("botocore", "aiobotocore", "s3fs", "urllib3", "fsspec", "PIL", "asyncio"):

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from stages.common import storage
-from stages.common.errors import ConfigError
+from stages.common.errors import ConfigError, DataError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEFAULT_MODEL = "clipforge-micro"
@@ -40,6 +41,7 @@ def resolve_model(model: str, model_config_uri: str = "") -> str:
     register_builtin_configs()
     if model_config_uri:
         name = model_config_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")
+        check_model_name(name, model_config_uri)
         register_config(name, storage.read_json(model_config_uri))
         if model and model != name:  # no --model: the file names the model
             raise ConfigError(f"--model {model!r} differs from the config file's name {name!r} "
@@ -52,10 +54,24 @@ def resolve_model(model: str, model_config_uri: str = "") -> str:
     return model
 
 
-def register_config(name: str, model_cfg: dict[str, Any]) -> None:
-    """Register a model config dict under `name` (e.g. one carried inside a checkpoint)."""
+# open_clip's registry takes a config file whose stem is the name: the name becomes a file name.
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+def check_model_name(name: str, source: str = "", error: type[Exception] = ConfigError) -> str:
+    """A model name read from a checkpoint or a config URI, safe to use as a file name."""
+    if not isinstance(name, str) or not _MODEL_NAME.match(name) or ".." in name:
+        where = f"{source}: " if source else ""
+        raise error(f"{where}model name {name!r} is not a valid model name (letters, digits, '.', '_', "
+                          "'+', '-'; no '/' or '..'); the checkpoint or config was not written by clipforge")
+    return name
+
+
+def register_config(name: str, model_cfg: dict[str, Any], source: str = "") -> None:
+    """Register a model config dict under `name` (e.g. one carried inside a checkpoint at `source`)."""
     import open_clip
 
+    check_model_name(name, source, DataError if source else ConfigError)
     register_builtin_configs()
     if "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
         raise ConfigError(f"model config {name!r} lacks vision_cfg/text_cfg: not an open_clip config")

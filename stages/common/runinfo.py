@@ -9,6 +9,7 @@ from importlib import metadata
 from typing import Any
 
 from stages.common import storage
+from stages.common.redact import redact
 
 RUN_FILE = "run.json"
 
@@ -30,7 +31,7 @@ def record_stage(run_dir: str, stage: str, *, config: dict[str, Any], inputs: di
     uri = storage.join(run_dir, RUN_FILE)
     record = storage.read_json(uri) if storage.exists(uri) else {}
     record.setdefault("run_id", run_dir.rstrip("/").rsplit("/", 1)[-1])
-    record.setdefault("stages", {})[stage] = {
+    record.setdefault("stages", {})[stage] = redact({
         "config": config,
         "inputs": inputs,
         "outputs": outputs,
@@ -38,6 +39,6 @@ def record_stage(run_dir: str, stage: str, *, config: dict[str, Any], inputs: di
         "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "elapsed_s": round(time.time() - started, 3),
-    }
+    })
     storage.write_json(uri, record)
     return record

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
-from stages.common.errors import StorageError
+from stages.common.errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -269,6 +269,32 @@ def download_file(uri: str, local_path: str) -> None:
     fs, path = filesystem(uri)
     os.makedirs(os.path.dirname(os.path.abspath(local_path)) or ".", exist_ok=True)
     retrying("downloading", uri, lambda: fs.get_file(path, local_path))
+
+
+def child_path(folder: str, relative: str, source: str) -> str:
+    """`folder/relative` for a name read from a store, refused when it would land outside `folder`."""
+    root = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(root, relative))
+    if not relative or os.path.isabs(relative) or os.path.commonpath([root, target]) != root or target == root:
+        raise DataError(f"{source}: the name {relative!r} would be written outside {folder}; refusing to copy it")
+    return target
+
+
+def download_folder(uri: str, local: str) -> list[str]:
+    """Copy every object under `uri` into the local folder `local`; returns the local paths.
+
+    Object keys are names chosen by whoever wrote the store: one with `..` or a leading `/` in its
+    relative part is refused (and nothing is copied) instead of being written elsewhere on disk.
+    """
+    prefix = uri.rstrip("/") + "/"
+    pairs = []
+    for src in walk_files(uri):
+        if not src.startswith(prefix):
+            raise DataError(f"{src}: listed under {uri} but not inside it; refusing to copy it")
+        pairs.append((src, child_path(local, src[len(prefix):], src)))
+    for src, dst in pairs:
+        download_file(src, dst)
+    return [dst for _, dst in pairs]
 
 
 def open_read(uri: str, mode: str = "rb"):

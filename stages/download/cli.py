@@ -15,6 +15,7 @@ from stages.common.cli import stage_main
 from stages.common.config import to_dict
 from stages.common.errors import DataError
 from stages.common.logs import setup_logging
+from stages.common.redact import redact_text
 from stages.common.runinfo import record_stage
 from stages.download import demo, shards
 from stages.download.config import DownloadConfig
@@ -24,7 +25,7 @@ from stages.download.img2ds import MANIFEST, REJECTED, img2dataset_options, prep
 from stages.download.manifest import build_manifest, build_part_manifest, merge_parts, part_manifest_uri
 from stages.download.metrics import DownloadMetrics
 from stages.download.parts import FileShards, Part, number_shards, plan, resolve_index, shard_digits
-from stages.download.urllist import InputFile, check_url_list
+from stages.download.urllist import InputFile, check_url_list, local_copies_if_signed
 from stages.download.watch import ShardWatcher
 
 PACKAGES = ("img2dataset", "webdataset", "fsspec", "s3fs", "pyarrow", "pillow")
@@ -146,7 +147,8 @@ def summary(manifest: dict, evalset: str | None) -> str:
 
 
 def input_label(entries: list[str]) -> str:
-    return entries[0] if len(entries) == 1 else ", ".join(entries)
+    """The URL list as run.json and the manifest name it: credentials and signatures redacted."""
+    return redact_text(entries[0] if len(entries) == 1 else ", ".join(entries))
 
 
 def check_input(cfg: DownloadConfig, entries: list[str]) -> tuple[list[InputFile], list[FileShards], Part]:
@@ -209,20 +211,21 @@ def run(cfg: DownloadConfig) -> int:
     if cfg.merge_parts:
         run_merge(cfg, started)
         return 0
-    checked = None
-    if not cfg.demo:  # check the list before anything else happens
-        checked = check_input(cfg, cfg.url_list)
-        if cfg.check_input:
-            print(describe_input(*checked), flush=True)
-            return 0
-    metrics = DownloadMetrics(cfg.run_id)
-    metrics.stage.serve(cfg.metrics_port, cfg.metrics_addr)
-    try:
-        run_download(cfg, log, metrics, started, checked)
-        metrics.stage.mark_success()
-    finally:
-        metrics.stage.push(cfg.pushgateway)
-        metrics.stage.stop()
+    with local_copies_if_signed([] if cfg.demo else cfg.url_list) as entries:
+        checked = None
+        if not cfg.demo:  # check the list before anything else happens
+            checked = check_input(cfg, entries)
+            if cfg.check_input:
+                print(describe_input(*checked), flush=True)
+                return 0
+        metrics = DownloadMetrics(cfg.run_id)
+        metrics.stage.serve(cfg.metrics_port, cfg.metrics_addr)
+        try:
+            run_download(cfg, log, metrics, started, checked)
+            metrics.stage.mark_success()
+        finally:
+            metrics.stage.push(cfg.pushgateway)
+            metrics.stage.stop()
     return 0
 
 

@@ -9,7 +9,12 @@ every part of the list follows from those counts.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from stages.common import storage
 from stages.common.errors import ConfigError, DataError, StorageError
@@ -29,12 +34,33 @@ class InputFile:
     columns: tuple[str, ...]
 
 
+@contextlib.contextmanager
+def local_copies_if_signed(entries: list[str]) -> Iterator[list[str]]:
+    """The entries, with each signed URL (one with a query string) fetched to a local file first.
+
+    img2dataset and our logs name the files they read; a presigned URL's signature must not reach
+    them. Each list is fetched once, right away, while its signature is still valid.
+    """
+    signed = [e for e in entries if "://" in e and urlsplit(e).query]
+    if not signed:
+        yield list(entries)
+        return
+    with tempfile.TemporaryDirectory(prefix="clipforge-urls-") as tmp:
+        local = {}
+        for i, uri in enumerate(signed):
+            name = urlsplit(uri).path.rstrip("/").rsplit("/", 1)[-1] or "urls"
+            local[uri] = os.path.join(tmp, f"{i:03d}-{name}")
+            storage.download_file(uri, local[uri])
+        yield [local.get(e, e) for e in entries]
+
+
 def detect_format(uri: str, given: str = "") -> str:
     if given:
         if given not in FORMATS:
             raise ConfigError(f"--input-format {given!r} is not one of {', '.join(FORMATS)}")
         return given
-    name = uri.rstrip("/").rsplit("/", 1)[-1].lower()
+    path = urlsplit(uri).path if "://" in uri else uri  # a presigned URL's query is not part of its name
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
     for fmt in FORMATS:
         if name.endswith("." + fmt):
             return fmt

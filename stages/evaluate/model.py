@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -52,8 +51,7 @@ def _from_export(uri: str) -> LoadedModel:
     if local is None:
         local = tempfile.mkdtemp(prefix="clipforge-export-")
         atexit.register(shutil.rmtree, local, ignore_errors=True)
-        for src in storage.walk_files(uri):
-            storage.download_file(src, os.path.join(local, src[len(uri):].lstrip("/")))
+        storage.download_folder(uri, local)
     config = storage.read_json(storage.join(uri, EXPORT_CONFIG))
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{local}")

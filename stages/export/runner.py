@@ -11,6 +11,7 @@ from stages.common import config as config_mod
 from stages.common import runinfo, storage
 from stages.common.logs import setup_logging
 from stages.common.metrics import StageMetrics
+from stages.common.redact import redact_text
 from stages.export import card, hub, weights
 from stages.export.config import ExportConfig, hf_token
 
@@ -30,7 +31,7 @@ def write_card(folder: str, cfg: ExportConfig, model, model_cfg: dict, ckpt: dic
         results=_read_optional(storage.join(run_dir, "eval", "results.json")),
         license_=cfg.license, tags=cfg.tags, datasets=cfg.datasets)
     with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(text)
+        f.write(redact_text(text))  # public: no credentials, presigned queries or internal hosts
 
 
 def publish(folder: str, output: str) -> list[str]:

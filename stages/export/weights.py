@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from stages.common import checkpoint_model
+from stages.common.redact import redact
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -41,6 +42,6 @@ def write_layout(folder: str, model: torch.nn.Module, model_cfg: dict[str, Any],
     from safetensors.torch import save_file
 
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(hub_config(model, model_cfg, ckpt), f, indent=2)
+        json.dump(redact(hub_config(model, model_cfg, ckpt)), f, indent=2)  # public, like the card
     save_file(cast_state_dict(model, dtype), os.path.join(folder, WEIGHTS_NAME),
               metadata={"format": "pt", "dtype": dtype})

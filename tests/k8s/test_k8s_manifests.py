@@ -15,21 +15,21 @@ from pipelines.presets import PRESETS
 from pipelines.pytorchjob import build_pytorchjob
 from tests.conftest import which
 
-CORE_KINDS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap", "Job"}
+CORE_KINDS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap", "Job", "NetworkPolicy"}
 
 
 @pytest.mark.parametrize("rel", DIRS)
 def test_each_directory_builds_the_whole_system(built, rel):
     kinds = sorted(obj["kind"] for obj in built[rel])
-    assert kinds == sorted(["Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap",
-                            "Job", "Job", "PyTorchJob"])
+    assert kinds == sorted(["Namespace", *["ServiceAccount"] * 5, "Role", "RoleBinding", "Secret", "ConfigMap",
+                            "Job", "Job", "PyTorchJob", "NetworkPolicy", "NetworkPolicy"])
     assert {obj["metadata"].get("namespace") for obj in built[rel] if obj["kind"] != "Namespace"} == {"clipforge"}
 
 
 @pytest.mark.parametrize("rel", DIRS)
 def test_core_objects_validate_strictly(built, rel):
     core = [obj for obj in built[rel] if obj["kind"] in CORE_KINDS]
-    assert len(core) == 8
+    assert len(core) == 14
     for obj in core:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
@@ -72,8 +72,14 @@ def test_every_pod_is_locked_down_and_sized(built, rel):
             pod = template["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True, where
             assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+            assert pod["automountServiceAccountToken"] is False, where
+            assert pod["serviceAccountName"] != "clipforge-launcher", where  # no workload has API rights
+            writable = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
             for c in pod["containers"]:
                 sc = c["securityContext"]
+                assert sc["readOnlyRootFilesystem"] is True, where
+                mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+                assert {"/tmp", "/home/clipforge"} <= set(mounts) and set(mounts.values()) <= writable, where
                 assert sc["allowPrivilegeEscalation"] is False, where
                 assert sc["capabilities"]["drop"] == ["ALL"], where
                 assert set(c["resources"]["requests"]) >= {"cpu", "memory"}, where
@@ -87,7 +93,7 @@ def test_every_pod_is_locked_down_and_sized(built, rel):
 
 
 def test_download_is_an_indexed_job_whose_pods_split_one_url_list(built):
-    (download,) = [o for o in built["base"] if o["metadata"]["name"] == "clipforge-download"]
+    (download,) = [o for o in built["base"] if o["kind"] == "Job" and o["metadata"]["name"] == "clipforge-download"]
     assert download["spec"]["completionMode"] == "Indexed"
     assert download["spec"]["completions"] == 4
     argv = download["spec"]["template"]["spec"]["containers"][0]["command"]
@@ -147,8 +153,8 @@ def test_rbac_lets_the_launcher_manage_pytorchjobs_and_read_logs(built):
     (role,) = [o for o in built["base"] if o["kind"] == "Role"]
     grants = {(g, r): set(rule["verbs"]) for rule in role["rules"]
               for g in rule["apiGroups"] for r in rule["resources"]}
-    assert {"create", "get", "delete", "watch"} <= grants[("kubeflow.org", "pytorchjobs")]
-    assert "get" in grants[("", "pods/log")]
+    assert grants == {("kubeflow.org", "pytorchjobs"): {"create", "get", "delete"}, ("", "pods"): {"list"},
+                      ("", "pods/log"): {"get"}}  # tests/k8s/test_k8s_rbac.py: the calls it makes
     (binding,) = [o for o in built["base"] if o["kind"] == "RoleBinding"]
     assert binding["subjects"][0]["name"] == binding["roleRef"]["name"] == "clipforge-launcher"
 

@@ -152,9 +152,12 @@ def test_cluster_settings_of_the_steps(tmp_path):
         assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
         assert ex["configMapAsEnv"][0]["keyToEnv"][0]["envVar"] == "AWS_ENDPOINT_URL"
         assert ex["securityContext"] == {"runAsUser": "1000", "runAsGroup": "1000", "runAsNonRoot": True}
+        # the only writable paths under a read-only root filesystem, as in k8s/ and the container test
+        assert {(m["mountPath"], m.get("sizeLimit")) for m in ex["emptyDirMounts"] if "medium" not in m} == {
+            ("/tmp", "4Gi"), ("/home/clipforge", "4Gi")}
     for step in ("train", "evaluate"):
-        assert executors[f"exec-{step}"]["emptyDirMounts"] == [
-            {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}]
+        assert {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"} in \
+            executors[f"exec-{step}"]["emptyDirMounts"]
     # the train step's pod identity, so its PyTorchJob can name it as owner
     assert {e["name"]: e["fieldPath"] for e in executors["exec-train"]["fieldPathAsEnv"]} == {
         "POD_NAME": "metadata.name", "POD_UID": "metadata.uid", "POD_NAMESPACE": "metadata.namespace"}
