@@ -1,96 +1,38 @@
 """Least privilege: the launcher's Role grants exactly the API calls it makes; no other workload has any.
 
-No Kubernetes API server can run here: the launcher talks to a stand-in on 127.0.0.1 that answers
-the few endpoints it uses and records every request, so the test sees the calls the real launcher
-(kubeflow-training's TrainingClient underneath) makes in a whole run: create, follow logs, wait,
-clean up.
+No Kubernetes API server can run here: the launcher talks, through the real `kubernetes` client, to
+the STAND-IN API server on 127.0.0.1 of tests/pipelines/k8s_standin.py, which records every request.
+The run below makes every kind of call a launch can make: create (409: a finished job of the same
+run exists), get, delete and re-create it, list pods, follow the master's log, wait, clean up.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
-
-import pytest
-from kubernetes import client as k8s
+import time
 
 from pipelines import cluster, podspec
-from pipelines.launcher import run_pytorchjob
+from pipelines.launcher import Launch, run_pytorchjob
 from pipelines.pytorchjob import TrainJob
+from tests.pipelines.k8s_standin import StandInApiServer
 
 NS = "clipforge"
 _PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)/namespaces/[^/]+/(?P<resource>[^/]+)"
                    r"(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$")
+_VERBS = {"POST": "create", "DELETE": "delete", "PATCH": "patch", "PUT": "update"}
 
 
-class StandInAPI(BaseHTTPRequestHandler):
-    """PyTorchJobs that go Created -> Running -> Succeeded over three reads; one master pod with a log."""
-
-    calls: list[tuple[str, str, str]]
-    job: dict
-    reads = 0
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _reply(self, body, code: int = 200, text: bool = False) -> None:
-        data = body.encode() if text else json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "text/plain" if text else "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _record(self) -> re.Match:
-        url = urlparse(self.path)
-        match = _PATH.match(url.path)
-        assert match, self.path
-        group, resource, name, sub = match["group"] or "", match["resource"], match["name"], match["sub"]
-        query = parse_qs(url.query)
-        verb = {"POST": "create", "DELETE": "delete", "PATCH": "patch", "PUT": "update"}.get(self.command)
-        if verb is None:
-            verb = "get" if name else ("watch" if query.get("watch") == ["true"] else "list")
-        type(self).calls.append((group, f"{resource}/{sub}" if sub else resource, verb))
-        return match
-
-    def do_POST(self) -> None:
-        self._record()
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).job = body
-        self._reply(body, 201)
-
-    def do_GET(self) -> None:
-        match = self._record()
-        if match["resource"] == "pytorchjobs":
-            type(self).reads += 1
-            state = ["Created", "Running", "Succeeded"][min(type(self).reads, 3) - 1]
-            job = dict(type(self).job, status={"conditions": [
-                {"type": t, "status": "True", "reason": t} for t in ("Created", "Running", "Succeeded")
-                [:("Created", "Running", "Succeeded").index(state) + 1]]})
-            self._reply(job)
-        elif match["sub"] == "log":
-            self._reply("step 1 loss 1.0\n", text=True)
-        else:
-            self._reply({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [{
-                "metadata": {"name": "clipforge-train-x-master-0", "namespace": NS},
-                "status": {"phase": "Running"}}]})
-
-    def do_DELETE(self) -> None:
-        self._record()
-        self._reply({"kind": "Status", "apiVersion": "v1", "status": "Success"})
-
-
-@pytest.fixture
-def api_server():
-    StandInAPI.calls, StandInAPI.reads, StandInAPI.job = [], 0, {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StandInAPI)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def _rbac_calls(requests) -> set[tuple[str, str, str]]:
+    """(api group, resource[/subresource], RBAC verb) of each recorded request."""
+    out = set()
+    for method, path, _status in requests:
+        match = _PATH.match(path.split("?", 1)[0])
+        assert match, path
+        verb = _VERBS.get(method) or ("get" if match["name"] else "list")
+        resource = f"{match['resource']}/{match['sub']}" if match["sub"] else match["resource"]
+        out.add((match["group"] or "", resource, verb))
+    return out
 
 
 def _granted(rules) -> set[tuple[str, str, str]]:
@@ -98,17 +40,34 @@ def _granted(rules) -> set[tuple[str, str, str]]:
             for resource in rule.resources for verb in rule.verbs}
 
 
-def test_launcher_role_grants_exactly_the_calls_of_a_whole_launch(api_server, capsys):
-    from kubeflow.training import TrainingClient
+def _until(predicate, timeout: float = 20) -> None:
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < give_up, "timed out"
+        time.sleep(0.02)
 
-    config = k8s.Configuration(host=api_server)
-    client = TrainingClient(client_configuration=config, namespace=NS, job_kind="PyTorchJob")
-    job = TrainJob(name="clipforge-train-x", namespace=NS, run_id="x", train_args=["--steps", "1"])
-    run_pytorchjob(job, cleanup="always", client=client, poll_s=1, log=lambda msg: None)
 
-    made = set(StandInAPI.calls)
-    assert ("kubeflow.org", "pytorchjobs", "create") in made and ("", "pods/log", "get") in made
-    assert "step 1 loss 1.0" in capsys.readouterr().out  # the master's log was followed
+def test_launcher_role_grants_exactly_the_calls_of_a_whole_launch():
+    with StandInApiServer() as api:
+        old = api.put_job("clipforge-train-x", "Created", "Failed")["metadata"]["uid"]
+        job = TrainJob(name="clipforge-train-x", namespace=NS, run_id="x", train_args=["--steps", "1"])
+        lines: list[str] = []
+        launch = threading.Thread(target=run_pytorchjob, daemon=True, kwargs=dict(
+            job=job, launch=Launch(cleanup="always", poll_s=0.05, delete_wait_s=5),
+            configuration=api.configuration(), log=lines.append))
+        launch.start()
+        _until(lambda: api.jobs.get("clipforge-train-x", {}).get("metadata", {}).get("uid") not in (None, old))
+        pod = api.add_pod("clipforge-train-x")
+        api.start_container(pod)
+        api.write_log(pod, "step 1 loss 1.0")
+        _until(lambda: any("step 1 loss 1.0" in line for line in lines))
+        api.stop_container(pod)
+        api.set_condition("clipforge-train-x", "Succeeded")
+        launch.join(20)
+        assert not launch.is_alive(), lines
+        made = _rbac_calls(api.requests)
+    assert {("kubeflow.org", "pytorchjobs", "create"), ("kubeflow.org", "pytorchjobs", "delete"),
+            ("", "pods/log", "get")} <= made
     (role,) = [o for o in cluster.launcher_rbac(NS) if o.kind == "Role"]
     assert _granted(role.rules) == made
 
