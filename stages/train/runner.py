@@ -77,13 +77,16 @@ def run(cfg: TrainConfig) -> int:
 def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics) -> Session:
     from stages.train.data import get_train_data, get_val_data
 
+    cfg.check_inputs(info.world_size)  # the first samples are usable, before any model is built
     resume_uri = checkpoint.find_resume(cfg.resume, cfg.checkpoint_dir)
     ckpt = checkpoint.load_for_resume(resume_uri) if resume_uri else None
     progress = _progress_from(ckpt)
     bundle = build_model(cfg, info.device, info.rank)
     data = get_train_data(cfg, bundle.preprocess_train, bundle.tokenizer, rank=info.rank,
-                          world_size=info.world_size, epoch=progress.epoch,
-                          resume_state=ckpt.get("data_state") if ckpt else None)
+                          world_size=info.world_size, epoch=progress.epoch)
+    data_state = ckpt.get("data_state") if ckpt else None
+    if isinstance(data_state, dict) and "ranks" in data_state:
+        data.load_state_dict(data_state)
     steps_per_epoch = data.num_batches // cfg.accum_freq
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -101,8 +104,9 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics) -> Session:
         log.info("resumed from %s at step %d (epoch %d)", resume_uri, progress.step, progress.epoch)
     model = maybe_compile(wrap_ddp(bundle.model, info, cfg.ddp_static_graph), cfg.torchcompile)
     val_data = None
-    if cfg.has_val and info.is_main:
-        val_data = get_val_data(cfg, bundle.preprocess_val, bundle.tokenizer, rank=0, world_size=1)
+    if cfg.has_val:  # every rank validates its part
+        val_data = get_val_data(cfg, bundle.preprocess_val, bundle.tokenizer, rank=info.rank,
+                                world_size=info.world_size)
     session = Session(cfg=cfg, info=info, bundle=bundle, model=model, optimizer=optimizer, scaler=scaler,
                       scheduler=optim.create_scheduler(optimizer, cfg, total_steps, steps_per_epoch),
                       loss_fn=create_loss(cfg, info), data=data, val_data=val_data,
@@ -218,6 +222,8 @@ def _log_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds: f
 
 def _validate(s: Session) -> None:
     s.last_val = evaluate(s.model, s.val_data, s.info.device, s.cfg.precision)
+    if not s.info.is_main:
+        return
     s.metrics.validation({k: v for k, v in s.last_val.items() if k != "num_samples"})
     log.info("Eval Step: %d %s", s.progress.step,
              " ".join(f"{k}: {v:.4f}" for k, v in s.last_val.items()))
@@ -227,13 +233,22 @@ def _validate(s: Session) -> None:
 
 
 def _save(s: Session, epoch_done: bool) -> None:
-    """Rank 0 writes; a checkpoint at an epoch's end resumes at the start of the next epoch."""
+    """Rank 0 writes; a checkpoint at an epoch's end resumes at the start of the next epoch.
+    The data position of every rank goes in as {"world_size", "ranks": [each rank's state_dict()]}."""
+    ranks: list = []
+    if not epoch_done:
+        ranks = [s.data.state_dict()]
+        if s.info.distributed:
+            import torch.distributed as dist
+
+            ranks = [None] * s.info.world_size
+            dist.all_gather_object(ranks, s.data.state_dict())
     if not s.info.is_main:
         return
     p = s.progress
     trainer_state = {
         "epoch": p.epoch + 1 if epoch_done else p.epoch, "samples_seen": p.samples_seen,
-        "data_state": None if epoch_done else s.data.state(), "nonfinite_steps": p.nonfinite_total,
+        "data_state": {"world_size": s.info.world_size, "ranks": ranks}, "nonfinite_steps": p.nonfinite_total,
         "scheduler": optim.scheduler_state(s.cfg, s.total_steps, s.steps_per_epoch, p.step),
         "config": to_dict(s.cfg), "model_name": s.bundle.model_name, "model_cfg": s.bundle.model_cfg,
         "preprocess_cfg": s.bundle.preprocess_cfg}
