@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,11 @@ STATE_VERSION = 1
 
 class TrackingLoader(DataLoader):
     """A DataLoader yielding (images, texts) that keeps every worker's position after the batches
-    the trainer has taken, and the samples skipped so far."""
+    the trainer has taken, and the samples skipped so far.
+
+    With CLIPFORGE_DEBUG_SAMPLE_KEYS=DIR set, every batch taken appends a line
+    `pid epoch index key key ...` to DIR/rank<R>.keys (to check what a resumed run reads).
+    """
 
     def __init__(self, dataset: ShardStream, data_timeout: float = 0.0, **kwargs: Any):
         super().__init__(dataset, batch_size=None, collate_fn=_identity, timeout=data_timeout, **kwargs)
@@ -59,6 +64,7 @@ class TrackingLoader(DataLoader):
             self.consumed += 1
             if batch.state is not None:
                 self.worker_states[batch.plan_worker] = batch.state
+            self._log_keys(batch.keys)
             yield batch.images, batch.texts
         self.skipped_done += sum(self._skipped_now.values())
         self._skipped_now = {}
@@ -72,6 +78,14 @@ class TrackingLoader(DataLoader):
                 raise
             raise DataError(f"no batch from the data workers in {self.data_timeout:g}s (--data-timeout): "
                             "a worker is stuck reading or decoding; check the store and the shards") from exc
+
+    def _log_keys(self, keys: list[str] | None) -> None:
+        folder = os.environ.get("CLIPFORGE_DEBUG_SAMPLE_KEYS")
+        if not folder or keys is None:
+            return
+        plan = self.dataset.plan
+        with open(os.path.join(folder, f"rank{plan.rank}.keys"), "a") as f:
+            f.write(f"{os.getpid()} {self.dataset.epoch.value} {self.consumed} {' '.join(keys)}\n")
 
     def skipped(self) -> int:
         return self.skipped_done + sum(self._skipped_now.values())

@@ -49,12 +49,13 @@ class Batch:
     plan_worker: int = 0         # the part of the plan the worker reads (rotated after a resume)
     state: dict | None = None    # the worker's position right after this batch
     error: str | None = None     # the worker stopped: why
+    keys: list[str] | None = None  # the samples' __key__s, in batch order
 
     def pin_memory(self) -> Batch:
         if self.images is None:
             return self
         return Batch(self.images.pin_memory(), self.texts.pin_memory(), self.worker, self.skipped,
-                     self.slot, True, self.plan_worker, self.state, self.error)
+                     self.slot, True, self.plan_worker, self.state, self.error, self.keys)
 
 
 @dataclass
@@ -263,6 +264,7 @@ class ShardStream(IterableDataset):
         p, st = self.plan, reader.state
         images: list[Any] = []
         texts: list[str] = []
+        keys: list[str] = []
         made, in_row, usable_in_pass, taken = 0, 0, 0, 0
         recent: list[dict] = []
         first_pass_end = True
@@ -289,16 +291,17 @@ class ShardStream(IterableDataset):
             in_row, usable_in_pass = 0, usable_in_pass + 1
             images.append(image)
             texts.append(text)
+            keys.append(sample["__key__"])
             taken += 1
             if len(images) == p.batch_size or (cap is not None and taken >= cap):
                 st.made += 1
                 made += 1
-                yield self._collate(images, texts, loader_worker, worker, tag, reader)
-                images, texts = [], []
+                yield self._collate(images, texts, keys, loader_worker, worker, tag, reader)
+                images, texts, keys = [], [], []
                 if (quota is not None and made >= quota) or (cap is not None and taken >= cap):
                     return
         if images and quota is None:  # validation keeps its last, partial batch
-            yield self._collate(images, texts, loader_worker, worker, tag, reader)
+            yield self._collate(images, texts, keys, loader_worker, worker, tag, reader)
         yield Batch(None, None, loader_worker, st.skipped, plan_worker=worker)  # reports skips at the end
 
     def _worker_cap(self, worker: int) -> int | None:
@@ -320,9 +323,9 @@ class ShardStream(IterableDataset):
             message += f"; try {key_hint(p.keys, recent)}"
         return Batch(None, None, 0, reader.state.skipped, plan_worker=worker, error=message)
 
-    def _collate(self, images: list[Any], texts: list[str], loader_worker: int, worker: int, tag: int,
-                 reader: WorkerReader) -> Batch:
+    def _collate(self, images: list[Any], texts: list[str], keys: list[str], loader_worker: int, worker: int,
+                 tag: int, reader: WorkerReader) -> Batch:
         slot, out = self.pool.take(*self.decoder.batch_shape(images), tag=tag)
         state = reader.snapshot(getattr(reader, "buffer", [])) if self.plan.num_batches is not None else None
         return Batch(self.decoder.collate(images, out), self.tokenizer(texts), loader_worker,
-                     reader.state.skipped, slot, plan_worker=worker, state=state)
+                     reader.state.skipped, slot, plan_worker=worker, state=state, keys=list(keys))
