@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -145,3 +146,17 @@ def test_bad_key_flags_are_config_errors():
     for image, caption in (("jpg.x", "txt"), ("jpg", "yaml:caption"), ("jpg", "json:")):
         with pytest.raises(ConfigError):
             SampleKeys.from_flags(image, caption)
+
+
+def test_a_stuck_worker_surfaces_through_the_data_timeout(tmp_path, transforms):
+    fifo = tmp_path / "stuck" / "00000.tar"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)  # opening it blocks until someone writes: a store that never answers
+    info = data.get_train_data(_cfg(str(fifo), workers=1, train_num_samples=8, data_timeout=2), *transforms,
+                               rank=0, world_size=1)
+    try:
+        with pytest.raises(DataError, match=r"no batch from the data workers in 2s \(--data-timeout\)"):
+            next(iter(info.loader))
+    finally:
+        with open(fifo, "wb"):  # let the worker go
+            pass
