@@ -41,8 +41,8 @@ class DownloadConfig(CommonConfig):
     retries: int = field(default=0, metadata={"help": "retries per URL"})
     timeout: int = field(default=10, metadata={"help": "seconds before a URL times out"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/val split of the shards"})
-    split_proportions: str = field(default="train=0.9,val=0.1", metadata={
-        "help": "name=fraction pairs summing to 1; whole shards go to each split"})
+    split_proportions: str = field(default="train=0.99,val=0.01", metadata={
+        "help": "name=fraction pairs summing to 1; whole shards go to each split (each named split gets at least one)"})
     min_success_rate: float = field(default=0.0, metadata={
         "help": "fail the stage when fewer than this fraction of the URLs arrive"})
     demo: bool = field(default=False, metadata={

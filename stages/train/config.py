@@ -42,7 +42,7 @@ class TrainConfig(CommonConfig):
     max_image_pixels: int = _f(0, "skip (and count) images with more pixels, undecoded (0: PIL's limit)")
     max_unusable_samples: int = _f(1000, "fail when a data worker reads this many samples in a row without a usable one")
     data_timeout: float = _f(600.0, "fail when no batch arrives from the data workers for this many seconds (0: wait forever)")
-    val_num_samples: int | None = _f(None, "validate on at most this many samples (all ranks together)")
+    val_num_samples: int | None = _f(10000, "validate on at most this many samples (all ranks together)")
     # schedule
     batch_size: int = _f(64, "batch size per rank (per accumulation micro-batch)")
     epochs: int = _f(1, "epochs to train (ignored when --steps is given)")
