@@ -90,6 +90,16 @@ def assign(items: list, rank: int, world_size: int, worker: int, num_workers: in
     return mine[worker::num_workers] or [mine[worker % len(mine)]]
 
 
+def rank_shards(shards: list[str], rank: int, world_size: int) -> tuple[list[str], bool]:
+    """For reading every sample exactly once (evaluation): this rank's shards, or (all shards,
+    True) when there are too few to give each rank one and the ranks must split samples instead."""
+    if world_size <= 1:
+        return shards, False
+    if len(shards) >= world_size:
+        return shards[rank::world_size], False
+    return shards, True
+
+
 # ---------------------------------------------------------------- reading samples
 
 def _group(files: Iterator[dict]) -> Iterator[dict]:

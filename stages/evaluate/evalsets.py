@@ -9,8 +9,8 @@ import dataclasses
 import re
 
 from stages.common import storage
-from stages.common.shards import SampleKeys, find_manifest, read_split
 from stages.common.errors import DataError
+from stages.common.shards import SampleKeys, find_manifest, read_split
 
 CLASSIFICATION = "zeroshot_classification"
 RETRIEVAL = "zeroshot_retrieval"

@@ -7,9 +7,9 @@ import time
 from stages.common import config as config_mod
 from stages.common import runinfo
 from stages.common.logs import setup_logging
+from stages.common.shards import SampleKeys, probe
 from stages.evaluate import distributed, report
 from stages.evaluate.config import EvaluateConfig
-from stages.common.shards import SampleKeys, probe
 from stages.evaluate.evalsets import RETRIEVAL, EvalSet, open_eval_set, open_val_split
 from stages.evaluate.evaluation import evaluate_set
 from stages.evaluate.model import load_model

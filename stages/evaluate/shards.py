@@ -14,17 +14,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stages.common import shards as wds_shards
-from stages.common.shards import SampleKeys, Unusable
+from stages.common.shards import SampleKeys, Unusable, rank_shards
 from stages.evaluate.evalsets import RETRIEVAL, EvalSet
-
-
-def rank_shards(shards: list[str], rank: int, world: int) -> tuple[list[str], bool]:
-    """This rank's shards; (all shards, True) when there are too few to give each rank one."""
-    if world <= 1:
-        return shards, False
-    if len(shards) >= world:
-        return shards[rank::world], False
-    return shards, True
 
 
 def share(total: int | None, part: int, parts: int) -> int | None:

@@ -10,9 +10,9 @@ import pytest
 import webdataset as wds
 from shards import make_shards
 
+from stages.common import shards as wds_shards
 from stages.common.errors import DataError
 from stages.common.models import register_builtin_configs
-from stages.common import shards as wds_shards
 from stages.train import data
 
 MODEL = "clipforge-micro"

@@ -148,6 +148,9 @@ class DataInfo:
         """Continue from saved positions: {"world_size": W, "ranks": [state_dict() of each rank]}.
         "ranks": [] is the start of an epoch. On the saved layout every worker continues where it
         was; on another one the samples the epoch has not used are split over the new layout."""
+        if getattr(self.loader, "_iterator", None) is not None:
+            raise RuntimeError("load_state_dict() must come before the loader's first batch "
+                               "(its workers already hold the old position)")
         ranks = state.get("ranks") or []
         if not ranks:
             self.stream.resume = None
