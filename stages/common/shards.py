@@ -7,10 +7,10 @@ samples are raw bytes per member until `SampleKeys` picks the image (decoded wit
 pixel limit), the caption (UTF-8, or one field of the `.json` member) or the class label (an
 integer). Every other member is counted as ignored, never decoded.
 
-Reading a shard goes through webdataset's `tar_file_iterator`; samples are grouped here (rather
-than with `group_by_keys`) so that each one carries its offset in the shard, which lets a reader
-start at a given sample by walking the tar headers (a seek per member on a seekable store)
-instead of reading the bytes before it.
+Shards are read member by member as webdataset's `tar_file_iterator` does, and grouped into
+samples as its `group_by_keys` does, but here, because each sample must carry its offset in the
+shard and the byte offset of its header: a resume seeks straight to a saved sample instead of
+reading the bytes before it.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def rank_shards(shards: list[str], rank: int, world_size: int) -> tuple[list[str
 
 def _group(files: Iterator[dict]) -> Iterator[dict]:
     """Consecutive members with the same key form one sample (suffixes lower-cased); a repeated
-    suffix starts a new sample. A shard cut off after a whole sample still yields that sample."""
+    suffix starts a new sample. A shard cut off after a whole sample still yields that sample.
+    With members' byte offsets known, a sample has "__byte__" (its first header) and "__next__"
+    (the next sample's first header; -1 after the last sample)."""
     current: dict | None = None
     try:
         for f in files:
@@ -113,16 +115,33 @@ def _group(files: Iterator[dict]) -> Iterator[dict]:
                 continue
             if current is None or prefix != current["__key__"] or suffix in current:
                 if current is not None:
+                    current["__next__"] = f.get("byte")
                     yield current
-                current = {"__key__": prefix}
+                current = {"__key__": prefix, "__byte__": f.get("byte")}
             current[suffix] = f["data"]
     except Exception:
         if current is not None:
+            current["__next__"] = None
             yield current
         raise
     # not in a `finally`: a consumer that stops early closes us, and a closed generator must not yield
     if current is not None:
+        current["__next__"] = -1 if current.get("__byte__") is not None else None  # -1: the end
         yield current
+
+
+def _members(stream: Any, base: int | None) -> Iterator[dict]:
+    """{"fname", "data", "byte"} of the members webdataset's tar_file_iterator would yield, with
+    the byte offset of each header (None in a compressed tar). Written here because
+    tar_file_iterator does not say where a member is, which a resume needs to seek back to it."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    plain = base is not None and getattr(tar.fileobj, "comptype", "tar") == "tar"
+    for info in tar:
+        if not _is_member(info):
+            continue
+        data = tar.extractfile(info).read()
+        yield {"fname": info.name, "data": data, "byte": base + info.offset if plain else None}
+        tar.members = []
 
 
 def _split_name(fname: str) -> tuple[str | None, str | None]:
@@ -157,34 +176,50 @@ def _seek_to_sample(stream: Any, offset: int) -> bool:
     return False
 
 
+def _seekable(stream: Any) -> bool:
+    return bool(getattr(stream, "seekable", lambda: False)())
+
+
 def iter_samples(url: str, start: int = 0, keep: Callable[[int], bool] | None = None,
-                 stop: int | None = None) -> Iterator[tuple[int, dict]]:
+                 stop: int | None = None, byte: int | None = None) -> Iterator[tuple[int, dict]]:
     """(offset in the shard, sample) for offsets in [start, stop) that `keep` accepts.
 
-    A sample is {"__key__", "__url__", suffix: bytes, ...}. Errors reading the shard propagate
-    after the whole samples before them.
+    A sample is {"__key__", "__url__", "__byte__", "__next__", suffix: bytes, ...}. `byte`, the
+    header offset of sample `start` (a sample's "__byte__"), lets the reader seek straight to it;
+    without it the tar headers before it are walked (no data read). Errors reading the shard
+    propagate after the whole samples before them.
     """
-    from webdataset.tariterators import tar_file_iterator
-
     with storage.open_read(url) as stream:
-        offset = 0
-        if start > 0:
-            if not (hasattr(stream, "seekable") and stream.seekable()):
-                raise DataError(f"{url}: cannot seek in this store to resume at sample {start}")
-            if not _seek_to_sample(stream, start):
+        offset, skip = 0, 0
+        if byte == -1:  # the shard's end
+            return
+        if start > 0 and _seekable(stream):
+            if byte is not None:
+                stream.seek(byte)
+            elif not _seek_to_sample(stream, start):
                 return
             offset = start
-        for sample in _group(tar_file_iterator(stream, handler=_reraise)):
+        elif start > 0:
+            skip = start  # a stream that cannot seek: read past the samples before `start`
+        base = stream.tell() if _seekable(stream) else None
+        for sample in _group(_members(stream, base)):
             if stop is not None and offset >= stop:
                 return
-            if keep is None or keep(offset):
+            if offset >= skip and (keep is None or keep(offset)):
                 sample["__url__"] = url
                 yield offset, sample
             offset += 1
 
 
-def _reraise(exc: Exception) -> bool:
-    raise exc
+def read_sample_at(url: str, offsets_bytes: list[tuple[int, int]]) -> Iterator[tuple[int, dict]]:
+    """The samples at these (offset, header byte) positions of one shard, one seek each."""
+    with storage.open_read(url) as stream:
+        for offset, byte in sorted(offsets_bytes, key=lambda p: p[1]):
+            stream.seek(byte)
+            for sample in _group(_members(stream, byte)):
+                sample["__url__"] = url
+                yield offset, sample
+                break
 
 
 # ---------------------------------------------------------------- which member is what

@@ -83,19 +83,20 @@ class WorkerState:
     cycle: int = 0                         # 0: the epoch's own pass; >0: going round again
     item: int = 0                          # index of the item read next in the cycle's list
     offset: int | None = None              # sample offset read next in it (None: its first)
-    buffer: list[list[int]] = field(default_factory=list)  # [item, offset] the shuffle buffer holds
+    byte: int | None = None                # where that sample's header starts (None: unknown)
+    buffer: list[list[int]] = field(default_factory=list)  # [item, offset, byte] the shuffle buffer holds
     rng: list | None = None                # the shuffle's random.Random state
     made: int = 0                          # batches this worker made in the pass
     skipped: int = 0                       # unusable samples it passed over in the pass
 
     def to_state(self) -> dict[str, Any]:
-        return {"cycle": self.cycle, "item": self.item, "offset": self.offset,
+        return {"cycle": self.cycle, "item": self.item, "offset": self.offset, "byte": self.byte,
                 "buffer": [list(p) for p in self.buffer], "rng": self.rng, "made": self.made,
                 "skipped": self.skipped}
 
     @classmethod
     def from_state(cls, s: dict) -> WorkerState:
-        return cls(int(s["cycle"]), int(s["item"]), s["offset"], [list(p) for p in s["buffer"]],
+        return cls(int(s["cycle"]), int(s["item"]), s["offset"], s.get("byte"), [list(p) for p in s["buffer"]],
                    s["rng"], int(s["made"]), int(s.get("skipped", 0)))
 
 
@@ -116,7 +117,7 @@ def _left_in_worker(items: list[Item], state: dict | None) -> list[Item]:
     if ws.cycle > 0:
         return []  # it had gone round again: its part of the epoch was all used
     held: dict[int, list[int]] = {}
-    for i, offset in ws.buffer:
+    for i, offset, *_ in ws.buffer:
         held.setdefault(i, []).append(offset)
     left = []
     for i, item in enumerate(items):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from stages.common.shards import SampleKeys, Unusable, describe_keys, iter_samples, key_hint
+from stages.common.shards import SampleKeys, Unusable, describe_keys, iter_samples, key_hint, read_sample_at
 from stages.train.data.decode import ImageDecoder
 from stages.train.data.plan import (
     Item,
@@ -127,28 +127,28 @@ class WorkerReader:
             yield _PASS_END
             if not self.plan.shuffle or self.plan.num_batches is None:
                 return
-            st.cycle, st.item, st.offset, st.buffer = st.cycle + 1, 0, None, []
+            st.cycle, st.item, st.offset, st.byte, st.buffer = st.cycle + 1, 0, None, None, []
 
     def _raw(self, items: list[Item]) -> Iterator[tuple[tuple[int, int], dict]]:
         st = self.state
         while st.item < len(items):
             item = items[st.item]
             url = self.plan.shards[item.shard]
-            start = item.first() if st.offset is None else st.offset
+            start, byte = (item.first(), None) if st.offset is None else (st.offset, st.byte)
             stop = None if item.stop is None else max(item.stop, max(item.picks, default=-1) + 1)
             self.recent_urls = (self.recent_urls + [url])[-3:]
             got = 0
             try:
-                for offset, sample in iter_samples(url, start, item.keep, stop):
-                    st.offset = offset + 1
+                for offset, sample in iter_samples(url, start, item.keep, stop, byte):
+                    st.offset, st.byte = offset + 1, sample.pop("__next__", None)
                     got += 1
-                    yield (st.item, offset), sample
+                    yield (st.item, offset, sample.get("__byte__")), sample
             except Exception as exc:  # noqa: BLE001 - a bad shard must not stop training
                 st.skipped += 1
                 self.reasons["unreadable_shard"] += 1
                 log.warning("shard %s unreadable after %d samples (%s: %s); skipping the rest of it",
                             url, got, type(exc).__name__, exc)
-            st.item, st.offset = st.item + 1, None
+            st.item, st.offset, st.byte = st.item + 1, None, None
 
     def _shuffle(self, source: Iterator) -> Iterator:
         buf, rng = self.buffer, self.rng
@@ -164,20 +164,26 @@ class WorkerReader:
         while buf:
             yield _pick(buf, rng)
 
-    def _restore(self, items: list[Item], positions: list[list[int]]) -> list:
-        """The shuffle buffer a checkpoint named: its samples read again from their shards."""
-        wanted: dict[int, set[int]] = {}
-        for i, offset in positions:
-            wanted.setdefault(i, set()).add(offset)
-        found: dict[tuple[int, int], dict] = {}
-        for i, offsets in wanted.items():
+    def _restore(self, items: list[Item], positions: list[list]) -> list:
+        """The shuffle buffer a checkpoint named: each sample read again with one seek to its
+        header (or, where its byte offset is unknown, from its shard up to it)."""
+        by_item: dict[int, list[list]] = {}
+        for pos in positions:
+            by_item.setdefault(pos[0], []).append(pos)
+        found: dict[tuple[int, int], tuple] = {}
+        for i, entries in by_item.items():
             url = self.plan.shards[items[i].shard]
-            for offset, sample in iter_samples(url, min(offsets), offsets.__contains__, max(offsets) + 1):
-                found[(i, offset)] = sample
+            direct = [(o, b) for _, o, b in entries if b is not None]
+            for offset, sample in read_sample_at(url, direct):
+                found[(i, offset)] = ((i, offset, sample.pop("__byte__", None)), sample)
+            walk = {o for _, o, b in entries if b is None}
+            if walk:
+                for offset, sample in iter_samples(url, min(walk), walk.__contains__, max(walk) + 1):
+                    found[(i, offset)] = ((i, offset, sample.get("__byte__")), sample)
         missing = len(positions) - len(found)
         if missing:
             log.warning("resume: %d samples of the shuffle buffer could not be read again", missing)
-        return [((i, o), found[(i, o)]) for i, o in positions if (i, o) in found]
+        return [found[(p[0], p[1])] for p in positions if (p[0], p[1]) in found]
 
 
 def _pick(buf: list, rng: random.Random) -> Any:
