@@ -3,7 +3,7 @@ at 90% of an epoch, for a small and a 10x larger epoch (same shard size). Target
 difference does not grow with the epoch size (resume seeks; it never re-reads consumed samples).
 Writes bench/results/data-resume-<date>.json.
 
-    python -m bench.bench_data_resume [--sizes 2000 20000] [--shard-samples 500] [--workers 2]
+    python -m bench.bench_data_resume [--sizes 2000 20000 40000] [--shard-samples 500] [--workers 2]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _first_batch_seconds(cfg, preprocess, tokenizer, state: dict) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000, 40000])
     parser.add_argument("--shard-samples", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
