@@ -23,9 +23,12 @@ def retrieval_ranks(image_features: torch.Tensor, text_features: torch.Tensor, t
     for lo in range(0, n_images, block):
         hi = min(lo + block, n_images)
         scores = image_features[lo:hi] @ text_features.t()  # [b, texts]
-        owns = owner.view(1, -1) == torch.arange(lo, hi).view(-1, 1)
-        own_best = scores.masked_fill(~owns, float("-inf")).max(dim=1, keepdim=True).values
-        i2t[lo:hi] = (scores > own_best).sum(dim=1)
+        # the best score among each image's own captions, picked from these same products
+        cols = ((owner >= lo) & (owner < hi)).nonzero().squeeze(1)
+        rows = owner[cols] - lo
+        own_best = torch.full((hi - lo,), float("-inf"), dtype=scores.dtype)
+        own_best = own_best.scatter_reduce(0, rows, scores[rows, cols], reduce="amax")
+        i2t[lo:hi] = (scores > own_best.view(-1, 1)).sum(dim=1)
     t2i = torch.empty(len(text_features), dtype=torch.long)
     for lo in range(0, len(text_features), block):
         hi = min(lo + block, len(text_features))
