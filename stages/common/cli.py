@@ -22,6 +22,8 @@ def stage_main(name: str, config_cls: type[C], run: Callable[[C], object],
     try:
         cfg, check_only = parse_config(config_cls, argv, prog=f"clipforge {name}")
         if check_only:
+            if hasattr(cfg, "check_inputs"):  # looks at the data, which validate() never does
+                cfg.check_inputs()
             print_config(cfg)
             return 0
         result = run(cfg)

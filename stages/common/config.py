@@ -17,7 +17,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import yaml
@@ -108,7 +108,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
     return parser
 
 
-def _load_yaml(path: str, cls: type) -> dict[str, Any]:
+def _load_yaml(path: str, cls: type, parser: argparse.ArgumentParser) -> dict[str, Any]:
     from stages.common import storage  # storage needs fsspec; config alone should not
 
     try:
@@ -119,13 +119,47 @@ def _load_yaml(path: str, cls: type) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: cannot read it: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+    actions = {a.dest: a for a in parser._actions}
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in names:
             raise ConfigError(f"--config {path}: unknown option {key!r}")
-        out[name] = value
+        out[name] = _coerce(f"--config {path}: {key}", actions[name], value)
+    return out
+
+
+def _coerce(where: str, action: argparse.Action, value: Any) -> Any:
+    """A YAML value through the flag's own conversion and choices (YAML 1.1 reads 1e-3 as a string)."""
+    if value is None:
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not true or false")
+    convert = action.type or str
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return [_convert_one(where, convert, action.choices, v) for v in items]
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"{where}: {value!r} is not a single value")
+    return _convert_one(where, convert, action.choices, value)
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _convert_one(where: str, convert: Callable, choices: Any, value: Any) -> Any:
+    kind = _KINDS.get(convert, "a valid value")
+    if isinstance(value, bool) and convert is not str:
+        raise ConfigError(f"{where}: {value!r} is not {kind}")
+    try:
+        out = convert(str(value))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not {kind}") from None
+    if choices is not None and out not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
     return out
 
 
@@ -135,7 +169,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str) -> tuple[C
     ns = vars(parser.parse_args(argv))
     config_path = ns.pop("config", None)
     check_only = ns.pop("check_config", False)
-    values = _load_yaml(config_path, cls) if config_path else {}
+    values = _load_yaml(config_path, cls, parser) if config_path else {}
     values.update(ns)
     try:
         cfg = cls(**values)

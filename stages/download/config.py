@@ -93,8 +93,8 @@ class DownloadConfig(CommonConfig):
     check_input: bool = field(default=False, metadata={
         "help": "check the URL list (streaming), print its files, rows, shards and parts, and exit"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/val split of the shards"})
-    split_proportions: str = field(default="train=0.9,val=0.1", metadata={
-        "help": "name=fraction pairs summing to 1; whole shards go to each split"})
+    split_proportions: str = field(default="train=0.99,val=0.01", metadata={
+        "help": "name=fraction pairs summing to 1; whole shards go to each split (each named split gets at least one)"})
     min_success_rate: float = field(default=0.5, metadata={
         "help": "publish no manifest.json (and fail) when fewer than this fraction of the URLs arrive"})
     demo: bool = field(default=False, metadata={

@@ -22,6 +22,10 @@ class EvaluateConfig(CommonConfig):
         "help": "the download stage's manifest.json (or its data/ or run folder): image-caption "
                 "retrieval on its val split, reported as dataset 'val'"})
     batch_size: int = dataclasses.field(default=64, metadata={"help": "images per batch"})
+    max_samples: int | None = dataclasses.field(default=None, metadata={
+        "help": "evaluate at most this many samples of each eval set (all ranks together)"})
+    max_image_pixels: int = dataclasses.field(default=0, metadata={
+        "help": "images with more pixels are not decoded (0: PIL's limit)"})
     workers: int = dataclasses.field(default=2, metadata={
         "help": "DataLoader worker processes per rank (0: load in the main process)"})
     precision: str = dataclasses.field(default="amp", metadata={
@@ -37,6 +41,10 @@ class EvaluateConfig(CommonConfig):
             raise ConfigError("nothing to evaluate: give --eval-data URI [URI ...] and/or --val-data URI")
         if self.batch_size <= 0:
             raise ConfigError(f"--batch-size {self.batch_size} must be positive")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"--max-samples {self.max_samples} must be at least 1")
+        if self.max_image_pixels < 0:
+            raise ConfigError(f"--max-image-pixels {self.max_image_pixels} must not be negative")
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers} must be 0 or more")
         names = [name for name, _ in self.eval_specs()]
@@ -45,6 +53,12 @@ class EvaluateConfig(CommonConfig):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"--eval-data: dataset name(s) {dupes} given twice; name them NAME=URI")
+
+    def check_inputs(self) -> None:
+        """Open every eval set and read its first samples (what --check-config adds to validate)."""
+        from stages.evaluate.runner import open_inputs
+
+        open_inputs(self)
 
     def eval_specs(self) -> list[tuple[str, str]]:
         """(name, uri) of every --eval-data entry."""

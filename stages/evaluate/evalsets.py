@@ -10,10 +10,10 @@ import re
 
 from stages.common import storage
 from stages.common.errors import DataError
+from stages.common.shards import SampleKeys, find_manifest, read_split
 
 CLASSIFICATION = "zeroshot_classification"
 RETRIEVAL = "zeroshot_retrieval"
-IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 
 
 @dataclasses.dataclass
@@ -25,6 +25,9 @@ class EvalSet:
     classnames: list[str] = dataclasses.field(default_factory=list)
     templates: list[str] = dataclasses.field(default_factory=list)
     samples: int | None = None  # when known up front (the manifest says)
+    keys: SampleKeys = dataclasses.field(default_factory=SampleKeys)
+    max_samples: int | None = None  # --max-samples: evaluate at most this many
+    ignored: dict[str, int] = dataclasses.field(default_factory=dict)  # members never decoded, by suffix
 
 
 def open_eval_set(name: str, uri: str) -> EvalSet:
@@ -41,22 +44,16 @@ def open_eval_set(name: str, uri: str) -> EvalSet:
 
 def open_val_split(uri: str) -> EvalSet:
     """The val split of a download manifest (given as manifest.json, its data/ folder or the run)."""
-    manifest_uri = _find_manifest(uri)
-    manifest = storage.read_json(manifest_uri)
-    val = (manifest.get("splits") or {}).get("val") if isinstance(manifest, dict) else None
-    if not val or not val.get("shards"):
+    manifest_uri = find_manifest(uri)
+    if manifest_uri is None:
+        raise DataError(f"--val-data {uri}: no manifest.json there (give the manifest, its data/ folder "
+                        "or the run folder)")
+    shards, counts = read_split(manifest_uri, "val")
+    if not shards:
         raise DataError(f"{manifest_uri}: the manifest has no val split with shards "
                         "(splits.val.shards); download with a val proportion > 0")
-    return EvalSet("val", manifest_uri, RETRIEVAL, list(val["shards"]), samples=val.get("samples"))
-
-
-def _find_manifest(uri: str) -> str:
-    uri = uri.rstrip("/")
-    for candidate in (uri, storage.join(uri, "manifest.json"), storage.join(uri, "data", "manifest.json")):
-        if candidate.endswith(".json") and storage.exists(candidate):
-            return candidate
-    raise DataError(f"--val-data {uri}: no manifest.json there (give the manifest, its data/ folder "
-                    "or the run folder)")
+    samples = sum(counts) if all(c is not None for c in counts) else None
+    return EvalSet("val", manifest_uri, RETRIEVAL, shards, samples=samples)
 
 
 def _dataset_type(uri: str) -> str:

@@ -51,9 +51,20 @@ def evaluate_set(evalset: EvalSet, loaded: LoadedModel, device: torch.device, cf
         image_feats, text_feats = _join(parts, 0, evalset), _join(parts, 1, evalset)
         metrics = scores.retrieval_metrics(image_feats, text_feats, _owners(parts))
     elapsed = time.time() - started
-    log.info("%s: %d samples in %.1fs", evalset.name, len(image_feats), elapsed)
+    ignored = _total_ignored(evalset, ctx)
+    log.info("%s: %d samples in %.1fs%s", evalset.name, len(image_feats), elapsed,
+             f"; members ignored, never decoded: {ignored}" if ignored else "")
     return {"task": evalset.task, "uri": evalset.uri, "samples": len(image_feats),
-            "metrics": metrics, "elapsed_s": round(elapsed, 3)}
+            "metrics": metrics, "elapsed_s": round(elapsed, 3), "ignored_members": ignored}
+
+
+def _total_ignored(evalset: EvalSet, ctx: Dist) -> dict[str, int]:
+    """Members no rank decoded, by suffix, over all ranks."""
+    total: dict[str, int] = {}
+    for part in distributed.gather(dict(evalset.ignored), ctx):
+        for suffix, n in part.items():
+            total[suffix] = total.get(suffix, 0) + n
+    return dict(sorted(total.items()))
 
 
 def _join(parts: list[tuple], index: int, evalset: EvalSet) -> torch.Tensor:

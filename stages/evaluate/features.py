@@ -27,8 +27,10 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], contextli
 def _check_images(batch: dict, evalset: EvalSet) -> torch.Tensor:
     images = batch["image"]
     if isinstance(images, list):
-        key, url = next((k, u) for k, u, i in zip(batch["key"], batch["url"], images, strict=True) if i is None)
-        raise DataError(f"{url}: sample {key!r} has no image (.webp/.png/.jpg) in eval set {evalset.name}")
+        key, url, problem = next((k, u, p) for k, u, i, p in zip(batch["key"], batch["url"], images,
+                                                                 batch["problem"], strict=True) if i is None)
+        raise DataError(f"{url}: sample {key!r} has no usable image (.jpg/.jpeg/.png/.webp) in eval set "
+                        f"{evalset.name}: {problem}")
     return images
 
 
@@ -43,9 +45,15 @@ def _check_labels(batch: dict, evalset: EvalSet) -> torch.Tensor:
 
 def _batches(evalset: EvalSet, loaded: LoadedModel, batch_size: int, workers: int, ctx: DistInfo,
              log: logging.Logger):
-    data = shards.loader(evalset, loaded.preprocess, batch_size, workers, ctx.rank, ctx.world_size)
-    total = -(-evalset.samples // (batch_size * ctx.world_size)) if evalset.samples else None
-    return progress(data, total, f"{evalset.name} batches", log)
+    """Batches of this rank's part; the members they ignored add up in evalset.ignored."""
+    data = shards.loader(evalset, loaded.preprocess, batch_size, workers, ctx.rank, ctx.world_size,
+                         evalset.keys, evalset.max_samples)
+    samples = min(evalset.samples or 0, evalset.max_samples or evalset.samples or 0)
+    total = -(-samples // (batch_size * ctx.world_size)) if samples else None
+    for batch in progress(data, total, f"{evalset.name} batches", log):
+        for suffix, n in batch.pop("ignored").items():
+            evalset.ignored[suffix] = evalset.ignored.get(suffix, 0) + n
+        yield batch
 
 
 @torch.no_grad()

@@ -7,18 +7,25 @@ import time
 from stages.common import config as config_mod
 from stages.common import distributed, runinfo
 from stages.common.logs import setup_logging
+from stages.common.shards import SampleKeys, probe
 from stages.evaluate import report
 from stages.evaluate.config import EvaluateConfig
-from stages.evaluate.evalsets import EvalSet, open_eval_set, open_val_split
+from stages.evaluate.evalsets import RETRIEVAL, EvalSet, open_eval_set, open_val_split
 from stages.evaluate.evaluation import evaluate_set
 from stages.evaluate.model import load_model
 
 
 def open_inputs(cfg: EvaluateConfig) -> list[EvalSet]:
-    """Every eval set, checked (class names, templates, shards) before any model is built."""
+    """Every eval set, checked (class names, templates, shards, the first samples) before any
+    model is built."""
     sets = [open_eval_set(name, uri) for name, uri in cfg.eval_specs()]
     if cfg.val_data:
         sets.append(open_val_split(cfg.val_data))
+    keys = SampleKeys(max_pixels=cfg.max_image_pixels)
+    for es in sets:
+        es.keys, es.max_samples = keys, cfg.max_samples
+        probe(es.shards, keys, f"eval set {es.name} ({es.uri})",
+              need="caption" if es.task == RETRIEVAL else "label")
     return sets
 
 

@@ -1,84 +1,96 @@
-"""Stream eval shards with webdataset straight from any fsspec store, split across ranks and workers."""
+"""Batches of an eval set, read through the shared shard layer (`stages.common.shards`).
+
+Only the image (PIL, under the pixel limit), the captions (UTF-8) and the class label (an
+integer) are decoded; every other member is counted as ignored and never decoded, so an eval set
+from a shared bucket cannot run code (no pickle, torch.load or gzip decoders).
+"""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from typing import Any
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 import torch
-import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stages.common import storage
-from stages.evaluate.evalsets import IMAGE_EXTS, RETRIEVAL, EvalSet
-
-# webdataset opens local paths and a few URL schemes itself; everything else goes through fsspec.
-FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "hf")
+from stages.common import shards as wds_shards
+from stages.common.shards import SampleKeys, Unusable, rank_shards
+from stages.evaluate.evalsets import RETRIEVAL, EvalSet
 
 
-def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
-    return storage.open_read(url, mode)
+def share(total: int | None, part: int, parts: int) -> int | None:
+    """Part `part` of `total` split as evenly as it goes into `parts` (None: no cap)."""
+    if not total:
+        return None
+    return total // parts + (1 if part < total % parts else 0)
 
 
-def register_fsspec_openers() -> None:
-    """Make webdataset open object-store URLs with fsspec (`webdataset.gopen` is also a function)."""
-    gopen_module = sys.modules["webdataset.gopen"]
-    for scheme in FSSPEC_SCHEMES:
-        gopen_module.gopen_schemes[scheme] = _fsspec_open
+class EvalStream(IterableDataset):
+    """Records of this rank's part of an eval set, batched; each batch says which members it ignored."""
 
+    def __init__(self, evalset: EvalSet, preprocess: Callable, batch_size: int, keys: SampleKeys,
+                 rank: int, world: int, max_samples: int | None):
+        super().__init__()
+        self.evalset, self.preprocess, self.batch_size, self.keys = evalset, preprocess, batch_size, keys
+        self.rank, self.world = rank, world
+        self.shards, self.split_samples = rank_shards(evalset.shards, rank, world)
+        self.cap = share(max_samples, rank, world)
 
-def rank_shards(shards: list[str], rank: int, world: int) -> tuple[list[str], bool]:
-    """This rank's shards; (all shards, True) when there are too few to give each rank one."""
-    if world <= 1:
-        return shards, False
-    if len(shards) >= world:
-        return shards[rank::world], False
-    return shards, True
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.shards[worker::workers]
+        cap = share(self.cap, worker, workers) if self.cap else None
+        records, ignored, taken, index = [], Counter(), 0, 0
+        for url in mine:
+            for _, sample in wds_shards.iter_samples(url):
+                index += 1
+                if self.split_samples and (index - 1) % self.world != self.rank:
+                    continue
+                if cap is not None and taken >= cap:
+                    break
+                ignored.update(self.keys.ignored(sample))
+                records.append(self._record(sample))
+                taken += 1
+                if len(records) == self.batch_size:
+                    yield _collate(records, ignored)
+                    records, ignored = [], Counter()
+        if records:
+            yield _collate(records, ignored)
 
-
-def _sample_filter(rank: int, world: int) -> Callable:
-    def keep_every_nth(samples):
-        for i, sample in enumerate(samples):
-            if i % world == rank:
-                yield sample
-    return keep_every_nth
-
-
-def _to_record(task: str, preprocess: Callable) -> Callable[[dict], dict]:
-    def convert(sample: dict) -> dict:
-        image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
-        record = {"key": sample["__key__"], "url": sample.get("__url__", ""),
-                  "image": None if image is None else preprocess(image.convert("RGB"))}
-        if task == RETRIEVAL:
-            text = sample.get("txt")
-            record["captions"] = [] if text is None else [t.strip() for t in text.splitlines() if t.strip()]
+    def _record(self, sample: dict) -> dict:
+        record = {"key": sample["__key__"], "url": sample.get("__url__", ""), "image": None, "problem": ""}
+        try:
+            record["image"] = self.preprocess(self.keys.open_image(self.keys.image_bytes(sample)))
+        except Unusable as exc:
+            record["problem"] = str(exc)
+        if self.evalset.task == RETRIEVAL:
+            try:
+                text = self.keys.caption_text(sample)
+                record["captions"] = [t.strip() for t in text.splitlines() if t.strip()]
+            except Unusable:
+                record["captions"] = []
         else:
-            record["label"] = sample.get("cls")
+            try:
+                record["label"] = self.keys.label(sample)
+            except Unusable:
+                record["label"] = None
         return record
-    return convert
 
 
-def _collate(records: list[dict]) -> dict:
+def _collate(records: list[dict], ignored: Counter) -> dict:
     """Batch records; samples without an image keep a None so the caller can name them."""
     batch = {key: [r.get(key) for r in records] for key in records[0]}
     images = batch["image"]
     batch["image"] = torch.stack(images) if all(i is not None for i in images) else images
+    batch["ignored"] = dict(ignored)
     return batch
 
 
-def loader(evalset: EvalSet, preprocess: Callable, batch_size: int, workers: int,
-           rank: int = 0, world: int = 1) -> wds.WebLoader:
-    """Batches of {"image", "label"|"captions", "key", "url"} for this rank's part of an eval set."""
-    register_fsspec_openers()
-    shards, split_samples = rank_shards(evalset.shards, rank, world)
-    stages: list[Any] = [wds.SimpleShardList(shards)]
-    if not split_samples:
-        stages.append(wds.split_by_worker)
-    stages += [wds.tarfile_to_samples(), wds.decode("pil")]
-    if split_samples:
-        stages.append(_sample_filter(rank, world))
-    stages += [wds.map(_to_record(evalset.task, preprocess)),
-               wds.batched(batch_size, collation_fn=_collate, partial=True)]
+def loader(evalset: EvalSet, preprocess: Callable, batch_size: int, workers: int, rank: int = 0,
+           world: int = 1, keys: SampleKeys | None = None, max_samples: int | None = None) -> DataLoader:
+    """Batches of {"image", "label"|"captions", "key", "url", "ignored"} for this rank's part."""
+    stream = EvalStream(evalset, preprocess, batch_size, keys or SampleKeys(), rank, world, max_samples)
     # Workers each take whole shards; with sample-level splitting every worker would read everything.
-    num_workers = 0 if split_samples else min(workers, len(shards))
-    return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers)
+    num_workers = 0 if stream.split_samples else min(workers, len(stream.shards))
+    return DataLoader(stream, batch_size=None, num_workers=num_workers)

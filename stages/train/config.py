@@ -37,6 +37,12 @@ class TrainConfig(CommonConfig):
     dataset_resampled: bool = _f(False, "sample shards with replacement")
     train_num_samples: int | None = _f(None, "samples per epoch (default: the manifest's count)")
     workers: int = _f(2, "DataLoader workers per rank")
+    image_key: str = _f("jpg;jpeg;png;webp", "member suffix(es) of the image, ';'-separated (the first present wins)")
+    caption_key: str = _f("txt", "member suffix of the caption, or json:FIELD for a field of the .json member")
+    max_image_pixels: int = _f(0, "skip (and count) images with more pixels, undecoded (0: PIL's limit)")
+    max_unusable_samples: int = _f(1000, "fail when a data worker reads this many samples in a row without a usable one")
+    data_timeout: float = _f(600.0, "fail when no batch arrives from the data workers for this many seconds (0: wait forever)")
+    val_num_samples: int | None = _f(10000, "validate on at most this many samples (all ranks together)")
     # schedule
     batch_size: int = _f(64, "batch size per rank (per accumulation micro-batch)")
     epochs: int = _f(1, "epochs to train (ignored when --steps is given)")
@@ -90,7 +96,7 @@ class TrainConfig(CommonConfig):
         return self.val_data.lower() not in ("", "none")
 
     def validate(self) -> None:
-        """Catch bad options before any data or model is touched (cheap checks first)."""
+        """Catch bad options before any data or model is touched; reads nothing, changes nothing."""
         self._check_numbers()
         if not self.train_data:
             raise ConfigError("--train-data is required: a run folder, data/ folder, manifest.json "
@@ -102,35 +108,46 @@ class TrainConfig(CommonConfig):
                               "installed (pip install tensorboard), or leave the flag out")
         if self.gather_with_grad and self.siglip:
             raise ConfigError("--gather-with-grad applies to the CLIP loss, not --siglip")
+        from stages.common.shards import SampleKeys
+
+        SampleKeys.from_flags(self.image_key, self.caption_key, self.max_image_pixels)
+
+    def check_inputs(self, world_size: int | None = None) -> None:
+        """Look at the inputs (cheap, before any model): the model name resolves, the shards exist,
+        one optimizer step fits in an epoch, and the first samples have an image and a caption."""
         from stages.common.models import resolve_model
 
         self.model = resolve_model(self.model, self.model_config)
-        self._check_data()
+        self._check_data(world_size or int(os.environ.get("WORLD_SIZE", "1")))
 
     def _check_numbers(self) -> None:
         positive = {"--batch-size": self.batch_size, "--accum-freq": self.accum_freq,
                     "--epochs": self.epochs, "--max-nonfinite-steps": self.max_nonfinite_steps,
-                    "--log-every-n-steps": self.log_every_n_steps}
+                    "--log-every-n-steps": self.log_every_n_steps,
+                    "--max-unusable-samples": self.max_unusable_samples}
         if self.steps is not None:
             positive["--steps"] = self.steps
         if self.train_num_samples is not None:
             positive["--train-num-samples"] = self.train_num_samples
+        if self.val_num_samples is not None:
+            positive["--val-num-samples"] = self.val_num_samples
         for flag, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{flag} {value}: must be at least 1")
         for flag, value in {"--save-every-steps": self.save_every_steps, "--keep-last": self.keep_last,
                             "--warmup": self.warmup, "--workers": self.workers,
                             "--val-every-steps": self.val_every_steps, "--lr": self.lr,
-                            "--step-timeout": self.step_timeout}.items():
+                            "--step-timeout": self.step_timeout,
+                            "--max-image-pixels": self.max_image_pixels,
+                            "--data-timeout": self.data_timeout}.items():
             if value < 0:
                 raise ConfigError(f"{flag} {value}: must not be negative")
 
-    def _check_data(self) -> None:
-        """Shards exist, and one optimizer step's worth of samples fits in an epoch."""
-        from stages.train.data import resolve_train_shards
+    def _check_data(self, world: int) -> None:
+        """Shards exist, one optimizer step's worth of samples fits in an epoch, samples are usable."""
+        from stages.train.data import probe_train_data, resolve_train_shards
 
         sources = resolve_train_shards(self.train_data, self.train_data_upsampling_factors or None)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         per_step = self.batch_size * self.accum_freq * world
         if self.train_num_samples is not None and self.train_num_samples < per_step:
             raise ConfigError(
@@ -138,3 +155,4 @@ class TrainConfig(CommonConfig):
                 f"--batch-size {self.batch_size} x --accum-freq {self.accum_freq} x {world} ranks = {per_step}")
         if not sources:
             raise ConfigError(f"--train-data {self.train_data}: no shards")
+        probe_train_data(self)

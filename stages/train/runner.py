@@ -147,6 +147,7 @@ def _collective_timeout_s(cfg: TrainConfig) -> float:
 def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: CheckpointManager) -> Session:
     from stages.train.data import get_train_data, get_val_data
 
+    cfg.check_inputs(info.world_size)  # the first samples are usable, before any model is built
     ckpt = manager.load()
     progress = Progress()
     if ckpt:
@@ -185,8 +186,9 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
         _log_layout_change(cfg, info, saved_layout, schedule, total_steps - progress.step)
     model = maybe_compile(wrap_ddp(bundle.model, info, cfg.ddp_static_graph), cfg.torchcompile)
     val_data = None
-    if cfg.has_val and info.is_main:
-        val_data = get_val_data(cfg, bundle.preprocess_val, bundle.tokenizer, rank=0, world_size=1)
+    if cfg.has_val:  # every rank validates its part
+        val_data = get_val_data(cfg, bundle.preprocess_val, bundle.tokenizer, rank=info.rank,
+                                world_size=info.world_size)
     session = Session(cfg=cfg, info=info, bundle=bundle, model=model, optimizer=optimizer, scaler=scaler,
                       scheduler=schedule, loss_fn=create_loss(cfg, info), data=data, val_data=val_data,
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps, progress=progress,
@@ -301,8 +303,9 @@ def _after_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds:
             _save(s, epoch_done=s.steps_left_in_epoch() == 0)
         if last:  # rank 0 waits for the write; the others wait on the store, not in a collective
             main_only(s.watchdog, s.info, "checkpoint", str(p.step), s.checkpoints.wait)
-    if cfg.has_val and (last or (cfg.val_every_steps and p.step % cfg.val_every_steps == 0)):
-        main_only(s.watchdog, s.info, "validation", str(p.step), lambda: _validate(s))
+    if s.val_data is not None and (last or (cfg.val_every_steps and p.step % cfg.val_every_steps == 0)):
+        with s.watchdog.phase("validation"):  # every rank validates its part (bounded by --val-num-samples)
+            _validate(s)
 
 
 def _record_metrics(s: Session, out: StepOutcome, lr: float, waited: float, seconds: float,
@@ -344,9 +347,11 @@ def _log_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds: f
 
 
 def _validate(s: Session) -> None:
-    if s.val_data is None:  # only rank 0 validates; 'auto' found no val split
+    if s.val_data is None:  # --val-data auto found no val split
         return
     s.last_val = evaluate(s.model, s.val_data, s.info.device, s.cfg.precision)
+    if not s.info.is_main:
+        return
     s.metrics.validation({k: v for k, v in s.last_val.items() if k != "num_samples"})
     log.info("Eval Step: %d %s", s.progress.step,
              " ".join(f"{k}: {v:.4f}" for k, v in s.last_val.items()))

@@ -106,3 +106,43 @@ def test_model_config_alone_names_the_model(capsys, tmp_path, train_shards):
     rc, err = _fails(capsys, tmp_path, "--train-data", str(train_shards), "--model-config", str(config),
                      "--model", "clipforge-tiny")
     assert rc == 2 and "differs from the config file's name 'my-clip'" in err
+
+
+def test_yaml_values_convert_like_flags(tmp_path, train_shards):
+    from stages.common.config import parse_config
+    from stages.download.config import DownloadConfig
+    from stages.train.config import TrainConfig
+
+    config = tmp_path / "train.yaml"
+    config.write_text(f"lr: 1e-3\ntrain_data: {train_shards}\nbatch-size: '32'\nlock_image: true\n")
+    cfg, _ = parse_config(TrainConfig, ["--config", str(config)], "clipforge train")
+    assert cfg.lr == 0.001 and cfg.batch_size == 32 and cfg.lock_image is True
+    download = tmp_path / "download.yaml"
+    download.write_text("min_success_rate: 8e-1\n")
+    dcfg, _ = parse_config(DownloadConfig, ["--config", str(download), "--url-list", "x.parquet"], "clipforge download")
+    assert dcfg.min_success_rate == 0.8
+
+
+@pytest.mark.parametrize("line, message", [
+    ("device: gpu", "device: 'gpu' is not one of auto, cpu, cuda"),
+    ("precision: fp16", "precision: 'fp16' is not one of amp, amp_bf16, bf16, fp32"),
+    ("lr_scheduler: linear", "lr_scheduler: 'linear' is not one of cosine, const, const-cooldown"),
+    ("batch_size: 6.5", "batch_size: 6.5 is not an integer"),
+    ("lock_image: sometimes", "lock_image: 'sometimes' is not true or false"),
+])
+def test_bad_yaml_values_fail_naming_key_and_choices_before_any_data(capsys, tmp_path, line, message):
+    config = tmp_path / "bad.yaml"
+    # the shards do not exist: the error must come from the value, before any data is looked at
+    config.write_text(f"{line}\ntrain_data: {tmp_path}/nowhere/{{00000..00003}}.tar\n")
+    rc, err = _fails(capsys, tmp_path, "--config", str(config))
+    assert rc == 2 and message in err and "nowhere" not in err and "Traceback" not in err
+
+
+def test_validate_reads_nothing_and_changes_nothing(tmp_path):
+    from stages.train.config import TrainConfig
+
+    cfg = TrainConfig(train_data=str(tmp_path / "nowhere" / "{00000..00003}.tar"), model="", workers=0)
+    cfg.validate()  # no storage, no model lookup
+    assert cfg.model == ""
+    with pytest.raises(Exception, match="nowhere"):
+        cfg.check_inputs(world_size=1)

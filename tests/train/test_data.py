@@ -10,6 +10,7 @@ import pytest
 import webdataset as wds
 from shards import make_shards
 
+from stages.common import shards as wds_shards
 from stages.common.errors import DataError
 from stages.common.models import register_builtin_configs
 from stages.train import data
@@ -111,24 +112,63 @@ def test_truncated_shard_and_non_image_are_skipped_and_counted(tmp_path, transfo
     assert train.skipped_samples() >= 4  # each epoch passes both faults at least once
 
 
-def test_resume_continues_the_epoch_without_replaying(local_shards, transforms):
+def _taken(info: data.DataInfo, n: int) -> list[tuple]:
+    it = iter(info.loader)
+    return [tuple(t.clone() for t in next(it)) for _ in range(n)]
+
+
+def test_resume_continues_the_epoch_exactly_where_it_was(local_shards, transforms):
     train_tf, val_tf, tok = transforms
     c = cfg(local_shards, workers=2)
-    full = data.get_train_data(c, val_tf, tok, rank=0, world_size=1)
-    everything = epoch_batches(full)
+    everything = epoch_batches(data.get_train_data(c, val_tf, tok, rank=0, world_size=1))
     interrupted = data.get_train_data(c, val_tf, tok, rank=0, world_size=1)
-    it = iter(interrupted.loader)
-    consumed = [next(it) for _ in range(5)]
+    consumed = _taken(interrupted, 5)
     state = interrupted.state_dict()
-    assert state["epoch"] == 0 and state["batches"] == 5
+    assert state["epoch"] == 0 and state["consumed"] == 5
+    # plain values only: a weights_only torch.load reads it back
+    import io
+
+    import torch
+    buf = io.BytesIO()
+    torch.save({"data_state": {"world_size": 1, "ranks": [state]}}, buf)
+    saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["data_state"]
     resumed = data.get_train_data(c, val_tf, tok, rank=0, world_size=1)
-    resumed.load_state_dict({"world_size": 1, "ranks": [state]})
+    resumed.load_state_dict(saved)
     assert resumed.batches_left() == 7
     rest = epoch_batches(resumed)
     assert sample_ids(consumed) + sample_ids(rest) == sample_ids(everything)
-    assert resumed.state()["batches"] == 12
+    assert resumed.state_dict()["consumed"] == 12
     resumed.set_epoch(1)  # the next epoch is whole again
     assert len(epoch_batches(resumed)) == 12
+    fresh = data.get_train_data(c, val_tf, tok, rank=0, world_size=1)
+    fresh.load_state_dict({"world_size": 1, "ranks": []})  # an epoch-end checkpoint: from the start
+    assert sample_ids(epoch_batches(fresh)) == sample_ids(everything)
+
+
+@pytest.mark.parametrize("new_world, new_workers, new_batch", [(1, 3, 8), (3, 1, 4), (2, 2, 6)])
+def test_resume_on_another_layout_neither_replays_nor_skips(local_shards, transforms, new_world,
+                                                             new_workers, new_batch):
+    train_tf, val_tf, tok = transforms
+    old = [data.get_train_data(cfg(local_shards, workers=2, batch_size=4), val_tf, tok, rank=r, world_size=2)
+           for r in range(2)]
+    assert old[0].num_batches == 12  # 96 samples / (2 ranks x 4)
+    consumed = [sample_ids(_taken(info, 5)) for info in old]
+    saved = {"world_size": 2, "ranks": [info.state_dict() for info in old]}
+    new = [data.get_train_data(cfg(local_shards, workers=new_workers, batch_size=new_batch), val_tf, tok,
+                               rank=r, world_size=new_world) for r in range(new_world)]
+    rest = []
+    for info in new:
+        info.load_state_dict(saved)
+        left = info.batches_left()
+        assert left == -(-56 // (new_world * new_batch))
+        batches = epoch_batches(info)
+        assert len(batches) == left
+        rest += sample_ids(batches)
+    seen = consumed[0] + consumed[1] + rest
+    all_ids = sample_ids(epoch_batches(data.get_train_data(cfg(local_shards, workers=0), val_tf, tok,
+                                                           rank=0, world_size=1)))
+    assert len(rest) >= 96 - 40 and sorted(set(seen)) == sorted(all_ids)
+    assert len(seen) - len(set(seen)) == len(rest) - (96 - 40)  # repeats only to fill the last batch
 
 
 def test_resampled_sources_with_upsampling(tmp_path, transforms):
@@ -284,7 +324,7 @@ def test_a_sample_stream_stopped_mid_shard_closes_quietly():
     import sys
 
     members = [{"fname": f"{i:03d}.{ext}", "data": b"x"} for i in range(3) for ext in ("jpg", "txt")]
-    stream = data._group_samples(iter(members))
+    stream = wds_shards._group(iter(members))
     assert next(stream)["__key__"] == "000"
     unraisable = []
     old_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
@@ -302,6 +342,6 @@ def test_a_sample_stream_stopped_mid_shard_closes_quietly():
 
     got = []
     with pytest.raises(OSError):
-        for sample in data._group_samples(cut_off()):
+        for sample in wds_shards._group(cut_off()):
             got.append(sample["__key__"])
     assert got == ["000", "001"]
