@@ -25,15 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.common.shards import SampleKeys, Unusable, describe_keys, iter_samples, key_hint
 from stages.train.data.decode import ImageDecoder
-from stages.train.data.plan import (
-    Item,
-    WorkerState,
-    assign,
-    epoch_items,
-    rng_state,
-    set_rng_state,
-    worker_quota,
-)
+from stages.train.data.plan import Item, WorkerState, assign, epoch_items, rng_state, set_rng_state, worker_quota
 from stages.train.data.pool import BufferPool
 
 log = logging.getLogger("stages.train.data")
