@@ -70,6 +70,13 @@ def builtin_templates(name: str) -> list[str] | None:
     return list(templates) if templates else None
 
 
+def source(name: str) -> str:
+    """Where the built-in lists for a dataset name come from (recorded in the results)."""
+    if normalise(name) in IMAGENET_NAMES:
+        return "open_clip.zero_shot_metadata (IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES)"
+    return "clip_benchmark (en_classnames.json, en_zeroshot_classification_templates.json)"
+
+
 def known_names() -> list[str]:
     """Every dataset name with built-in class names (for error messages and docs)."""
     return sorted(set(_clip_benchmark("classnames")) | {"imagenet1k", "imagenetv2", "imagenet_sketch"})

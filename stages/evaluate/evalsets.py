@@ -32,6 +32,7 @@ class EvalSet:
     ignored: dict[str, int] = dataclasses.field(default_factory=dict)  # members never decoded, by suffix
     train_shards: list[str] = dataclasses.field(default_factory=list)  # linear probe: the train split
     groups: str = ""  # subgroup metrics (stages.evaluate.subgroups) read from each sample's .npy
+    builtin: dict[str, str] = dataclasses.field(default_factory=dict)  # list -> where it came from
 
 
 def open_eval_set(name: str, uri: str, linear_probe: bool = False) -> EvalSet:
@@ -50,14 +51,20 @@ def open_eval_set(name: str, uri: str, linear_probe: bool = False) -> EvalSet:
         return EvalSet(name, uri, task, shards)
     names_uri = storage.join(uri, "classnames.txt")
     templates_uri = storage.join(uri, "zeroshot_classification_templates.txt")
-    classnames = (_classnames(names_uri) if storage.exists(names_uri)
-                  else metadata.classnames_for(name, names_uri))
+    builtin = {}
+    if storage.exists(names_uri):
+        classnames = _classnames(names_uri)
+    else:
+        classnames, builtin["classnames"] = metadata.classnames_for(name, names_uri), metadata.source(name)
     if linear_probe:
-        return EvalSet(name, uri, LINEAR_PROBE, shards, classnames, [],
+        return EvalSet(name, uri, LINEAR_PROBE, shards, classnames, [], builtin=builtin,
                        train_shards=_test_shards(uri, "train"))
-    templates = (_templates(templates_uri) if storage.exists(templates_uri)
-                 else metadata.templates_for(name, templates_uri))
-    return EvalSet(name, uri, task, shards, classnames, templates, groups=subgroups.evaluator_for(name))
+    if storage.exists(templates_uri):
+        templates = _templates(templates_uri)
+    else:
+        templates, builtin["templates"] = metadata.templates_for(name, templates_uri), metadata.source(name)
+    return EvalSet(name, uri, task, shards, classnames, templates, groups=subgroups.evaluator_for(name),
+                   builtin=builtin)
 
 
 def open_val_split(uri: str) -> EvalSet:

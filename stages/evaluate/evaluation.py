@@ -48,8 +48,11 @@ def evaluate_set(evalset: EvalSet, loaded: LoadedModel, device: torch.device, cf
     ignored = _total_ignored(evalset, ctx)
     log.info("%s: %d samples in %.1fs%s", evalset.name, len(image_feats), elapsed,
              f"; members ignored, never decoded: {ignored}" if ignored else "")
-    return {"task": evalset.task, "uri": evalset.uri, "samples": len(image_feats),
-            "metrics": metrics, "elapsed_s": round(elapsed, 3), "ignored_members": ignored}
+    out = {"task": evalset.task, "uri": evalset.uri, "samples": len(image_feats),
+           "metrics": metrics, "elapsed_s": round(elapsed, 3), "ignored_members": ignored}
+    if evalset.builtin:
+        out["builtin_metadata"] = dict(evalset.builtin)
+    return out
 
 
 def _classify(evalset: EvalSet, loaded: LoadedModel, image_feats: torch.Tensor, labels: torch.Tensor,

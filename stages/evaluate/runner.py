@@ -25,6 +25,10 @@ from stages.evaluate.model import load_model
 def open_inputs(cfg: EvaluateConfig) -> list[EvalSet]:
     """Every eval set, checked (class names, templates, shards, the first samples) before any
     model is built."""
+    if cfg.model:
+        from stages.evaluate import stock
+
+        stock.check(cfg.model, cfg.pretrained)
     sets = [open_eval_set(name, uri) for name, uri in cfg.eval_specs()]
     sets += [open_eval_set(name, uri, linear_probe=True) for name, uri in cfg.linear_probe_specs()]
     if cfg.suite:
