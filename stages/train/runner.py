@@ -13,7 +13,7 @@ from stages.common import runinfo
 from stages.common.config import to_dict
 from stages.common.errors import ConfigError, DataError
 from stages.common.logs import setup_logging
-from stages.train import checkpoint, optim
+from stages.train import checkpoint, optim, zeroshot
 from stages.train.config import TrainConfig
 from stages.train.distributed import DistInfo, init_distributed, shutdown, wrap_ddp
 from stages.train.loop import NonFiniteGuard, StepOutcome, TrainStep, step_groups
@@ -56,6 +56,7 @@ class Session:
     last_val: dict = dataclasses.field(default_factory=dict)
     last_pointer: dict | None = None
     last_loss: float | None = None
+    zeroshot_sets: list = dataclasses.field(default_factory=list)
 
 
 def run(cfg: TrainConfig) -> int:
@@ -113,6 +114,7 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics) -> Session:
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps, progress=progress,
                       metrics=metrics, loaded_from=resume_uri)
     _setup_reporting(session)
+    session.zeroshot_sets = zeroshot.open_sets(cfg)
     return session
 
 
@@ -183,6 +185,16 @@ def _after_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds:
         _validate(s)
     if last or (cfg.save_every_steps and p.step % cfg.save_every_steps == 0):
         _save(s, epoch_done=p.step >= (p.epoch + 1) * s.steps_per_epoch)
+    if s.zeroshot_sets and zeroshot.due(cfg, p.step, s.steps_per_epoch, last):
+        _zero_shot(s)
+
+
+def _zero_shot(s: Session) -> None:
+    results = zeroshot.evaluate(s.bundle, s.zeroshot_sets, s.info.device, s.cfg.zeroshot_batch_size,
+                                s.info.rank, s.info.world_size)
+    if s.info.is_main:
+        zeroshot.record(s.cfg.run_dir, s.progress.step, s.progress.epoch, results)
+        s.metrics.validation({k: v for res in results.values() for k, v in res["metrics"].items()})
 
 
 def _record_metrics(s: Session, out: StepOutcome, lr: float, waited: float, seconds: float) -> None:
