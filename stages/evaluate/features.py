@@ -78,7 +78,7 @@ def _batches(evalset: EvalSet, loaded: LoadedModel, batch_size: int, workers: in
         yield batch
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_classification(evalset: EvalSet, loaded: LoadedModel, device: torch.device, amp: Callable,
                           batch_size: int, workers: int, ctx: Dist, log: logging.Logger):
     """(normalised image features, labels, .npy metadata or None) of this rank's samples, on the
@@ -95,7 +95,7 @@ def encode_classification(evalset: EvalSet, loaded: LoadedModel, device: torch.d
     return _cat(feats), _cat(labels), _cat(metas)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_retrieval(evalset: EvalSet, loaded: LoadedModel, device: torch.device, amp: Callable,
                      batch_size: int, workers: int, ctx: Dist, log: logging.Logger):
     """(image features, caption features, image index of each caption) of this rank's samples."""

@@ -30,7 +30,8 @@ def _features(evalset: EvalSet, loaded: LoadedModel, device, amp, cfg, ctx: Dist
     kept = [p for p in parts if p[0] is not None]
     if not kept:
         raise DataError(f"{evalset.uri}: the shards {evalset.shards[:3]}... hold no samples")
-    return torch.cat([p[0] for p in kept]), torch.cat([p[1] for p in kept])
+    # clone: features come out of inference mode, and the head's backward must save them
+    return torch.cat([p[0] for p in kept]).clone(), torch.cat([p[1] for p in kept]).clone()
 
 
 def fewshot_indices(targets: torch.Tensor, k: int) -> list[int]:
