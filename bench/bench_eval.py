@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import random
 import tempfile
 import time
 from pathlib import Path
