@@ -140,6 +140,20 @@ def test_suite_average_is_datacomps_mean_of_main_metrics(suite_run):
     assert doc["suite"]["averaged_tasks"] == len(rows) == 8
 
 
+def test_suite_average_is_a_metric_with_the_suite_as_dataset(suite_run):
+    from stages.evaluate.report import EvalMetrics
+
+    _, _, _, doc = suite_run
+    metrics = EvalMetrics("suite-test")
+    metrics.record(doc)
+    value = metrics.stage.registry.get_sample_value(
+        "clipforge_evaluate_metric", {"run_id": "suite-test", "dataset": "datacomp", "metric": "average"})
+    assert value == pytest.approx(doc["suite"]["average"])
+    assert metrics.stage.registry.get_sample_value(
+        "clipforge_evaluate_metric", {"run_id": "suite-test", "dataset": "wilds/fmow",
+                                      "metric": "acc_worst_region"}) == doc["datasets"]["wilds/fmow"]["metrics"]["acc_worst_region"]
+
+
 @pytest.mark.parametrize("folder", sorted(GROUPED))
 def test_subgroup_metrics_equal_datacomps_evaluators(suite_run, folder, monkeypatch):
     model, tmp, sets, doc = suite_run
