@@ -116,8 +116,8 @@ class _DataPosition:
 def _manager(root: str, model, optimizer, cfg):
     import torch
 
-    from stages.train.checkpoint_manager import CheckpointManager
     from stages.common.distributed import DistInfo
+    from stages.train.checkpoint_manager import CheckpointManager
     from stages.train.metrics import TrainMetrics
     from stages.train.optim import Schedule
     from stages.train.rng import RNGState

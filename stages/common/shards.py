@@ -364,7 +364,7 @@ def key_hint(keys: SampleKeys, samples: list[dict]) -> str:
 def probe(shard_urls: list[str], keys: SampleKeys, what: str, samples: int = 16,
           need: str = "caption") -> None:
     """Read the first samples of the first shards and check that they have a usable image and a
-    caption (need="caption") or class label (need="label"); one clear DataError otherwise, listing
+    caption (need="caption"), class label (need="label") or nothing more (need="image"); one clear DataError otherwise, listing
     the member keys found and how to point at them. Cheap: a few samples, before any model."""
     seen: list[dict] = []
     reasons: Counter = Counter()
@@ -375,7 +375,10 @@ def probe(shard_urls: list[str], keys: SampleKeys, what: str, samples: int = 16,
                 seen.append(sample)
                 try:
                     keys.open_image(keys.image_bytes(sample))
-                    keys.caption_text(sample) if need == "caption" else keys.label(sample)
+                    if need == "caption":
+                        keys.caption_text(sample)
+                    elif need == "label":
+                        keys.label(sample)
                     return
                 except Unusable as exc:
                     reasons[exc.reason] += 1

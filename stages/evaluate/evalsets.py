@@ -14,6 +14,8 @@ from stages.common.shards import SampleKeys, find_manifest, read_split
 
 CLASSIFICATION = "zeroshot_classification"
 RETRIEVAL = "zeroshot_retrieval"
+MULTILABEL = "zeroshot_multilabel"  # several classes per image: `cls` holds indices, e.g. "3 7"
+LINEAR_PROBE = "linear_probe"  # CLIP_benchmark's: a linear head on frozen features of the train split
 
 
 @dataclasses.dataclass
@@ -28,18 +30,41 @@ class EvalSet:
     keys: SampleKeys = dataclasses.field(default_factory=SampleKeys)
     max_samples: int | None = None  # --max-samples: evaluate at most this many
     ignored: dict[str, int] = dataclasses.field(default_factory=dict)  # members never decoded, by suffix
+    train_shards: list[str] = dataclasses.field(default_factory=list)  # linear probe: the train split
+    groups: str = ""  # subgroup metrics (stages.evaluate.subgroups) read from each sample's .npy
+    builtin: dict[str, str] = dataclasses.field(default_factory=dict)  # list -> where it came from
 
 
-def open_eval_set(name: str, uri: str) -> EvalSet:
-    """Read and check a CLIP_benchmark wds folder: dataset type, class names, templates, shards."""
+def open_eval_set(name: str, uri: str, linear_probe: bool = False) -> EvalSet:
+    """Read and check a CLIP_benchmark wds folder: dataset type, class names, templates, shards.
+
+    Class names and templates the folder lacks come from the built-in ones for its dataset name."""
+    from stages.common import classmeta as metadata
+    from stages.evaluate import subgroups
+
     uri = uri.rstrip("/")
     task = _dataset_type(uri)
     shards = _test_shards(uri)
     if task == RETRIEVAL:
+        if linear_probe:
+            raise DataError(f"{uri}: a retrieval set cannot be evaluated with a linear probe")
         return EvalSet(name, uri, task, shards)
-    classnames = _classnames(storage.join(uri, "classnames.txt"))
-    templates = _templates(storage.join(uri, "zeroshot_classification_templates.txt"))
-    return EvalSet(name, uri, task, shards, classnames, templates)
+    names_uri = storage.join(uri, "classnames.txt")
+    templates_uri = storage.join(uri, "zeroshot_classification_templates.txt")
+    builtin = {}
+    if storage.exists(names_uri):
+        classnames = _classnames(names_uri)
+    else:
+        classnames, builtin["classnames"] = metadata.classnames_for(name, names_uri), metadata.source(name)
+    if linear_probe:
+        return EvalSet(name, uri, LINEAR_PROBE, shards, classnames, [], builtin=builtin,
+                       train_shards=_test_shards(uri, "train"))
+    if storage.exists(templates_uri):
+        templates = _templates(templates_uri)
+    else:
+        templates, builtin["templates"] = metadata.templates_for(name, templates_uri), metadata.source(name)
+    return EvalSet(name, uri, task, shards, classnames, templates, groups=subgroups.evaluator_for(name),
+                   builtin=builtin)
 
 
 def open_val_split(uri: str) -> EvalSet:
@@ -65,11 +90,14 @@ def _dataset_type(uri: str) -> str:
         return RETRIEVAL
     if kind in ("", "classification", "zeroshot_classification"):
         return CLASSIFICATION
-    raise DataError(f"{type_uri}: unknown dataset type {kind!r} (expected 'retrieval' or 'classification')")
+    if kind in ("multilabel", "multilabel_classification"):
+        return MULTILABEL
+    raise DataError(f"{type_uri}: unknown dataset type {kind!r} (expected 'retrieval', 'classification' "
+                    "or 'multilabel')")
 
 
-def _test_shards(uri: str) -> list[str]:
-    test = storage.join(uri, "test")
+def _test_shards(uri: str, split: str = "test") -> list[str]:
+    test = storage.join(uri, split)
     nshards_uri = storage.join(test, "nshards.txt")
     present = {u.rsplit("/", 1)[-1]: u for u in storage.listdir(test) if u.endswith(".tar")}
     if storage.exists(nshards_uri):

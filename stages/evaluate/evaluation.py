@@ -13,26 +13,16 @@ from stages.common import distributed
 from stages.common.distributed import DistInfo
 from stages.common.errors import DataError
 from stages.evaluate import features, scores
-from stages.evaluate.evalsets import CLASSIFICATION, EvalSet
+from stages.evaluate.evalsets import LINEAR_PROBE, MULTILABEL, RETRIEVAL, EvalSet
 from stages.evaluate.model import LoadedModel
 
 
-def _template_fn(template: str) -> Callable[[str], str]:
-    # CLIP_benchmark templates name the class {c}; str.format would also trip on other braces.
-    return lambda classname: template.replace("{c}", classname)
+def zero_shot_weights(loaded: LoadedModel, classnames: list[str], templates: list[str],
+                      device: torch.device, amp: Callable) -> torch.Tensor:
+    """[embed_dim, classes], the classes' text encoding split over the ranks."""
+    from stages.common.zeroshot import classifier
 
-
-@torch.no_grad()
-def zero_shot_weights(loaded: LoadedModel, evalset: EvalSet, device: torch.device,
-                      amp: Callable) -> torch.Tensor:
-    """[embed_dim, classes]: per class, every template encoded, normalised, averaged, normalised."""
-    import open_clip
-
-    with amp():
-        weights = open_clip.build_zero_shot_classifier(
-            loaded.model, loaded.tokenizer, evalset.classnames,
-            [_template_fn(t) for t in evalset.templates], num_classes_per_batch=10, device=device)
-    return weights.float().cpu()
+    return classifier(loaded.model, loaded.tokenizer, classnames, templates, device, amp)
 
 
 def evaluate_set(evalset: EvalSet, loaded: LoadedModel, device: torch.device, cfg: Any, ctx: DistInfo,
@@ -41,24 +31,53 @@ def evaluate_set(evalset: EvalSet, loaded: LoadedModel, device: torch.device, cf
     started = time.time()
     amp = features.autocast_for(device, cfg.precision)
     args = (evalset, loaded, device, amp, cfg.batch_size, cfg.workers, ctx, log)
-    if evalset.task == CLASSIFICATION:
-        classifier = zero_shot_weights(loaded, evalset, device, amp)
-        parts = distributed.gather(features.encode_classification(*args), ctx)
-        image_feats, labels = _join(parts, 0, evalset), _join(parts, 1, evalset)
-        metrics = scores.classification_metrics(100.0 * image_feats @ classifier, labels)
-    else:
+    if evalset.task == RETRIEVAL:
         parts = distributed.gather(features.encode_retrieval(*args), ctx)
         image_feats, text_feats = _join(parts, 0, evalset), _join(parts, 1, evalset)
         metrics = scores.retrieval_metrics(image_feats, text_feats, _owners(parts))
+        metrics["mean_recall@1"] = 0.5 * (metrics["text_retrieval_recall@1"] + metrics["image_retrieval_recall@1"])
+    elif evalset.task == LINEAR_PROBE:
+        from stages.evaluate import linear_probe
+
+        image_feats, metrics = linear_probe.evaluate(evalset, loaded, device, amp, cfg, ctx, log)
+    else:
+        parts = distributed.gather(features.encode_classification(*args), ctx)
+        image_feats, labels = _join(parts, 0, evalset), _join(parts, 1, evalset)
+        meta = torch.cat([p[2] for p in parts if p[2] is not None]) if evalset.groups else None
+        metrics = _classify(evalset, loaded, image_feats, labels, meta, device, amp)
     elapsed = time.time() - started
     ignored = _total_ignored(evalset, ctx)
     log.info("%s: %d samples in %.1fs%s", evalset.name, len(image_feats), elapsed,
              f"; members ignored, never decoded: {ignored}" if ignored else "")
-    return {"task": evalset.task, "uri": evalset.uri, "samples": len(image_feats),
-            "metrics": metrics, "elapsed_s": round(elapsed, 3), "ignored_members": ignored}
+    out = {"task": evalset.task, "uri": evalset.uri, "samples": len(image_feats),
+           "metrics": metrics, "elapsed_s": round(elapsed, 3), "ignored_members": ignored}
+    if evalset.builtin:
+        out["builtin_metadata"] = dict(evalset.builtin)
+    return out
 
 
-def _total_ignored(evalset: EvalSet, ctx: Dist) -> dict[str, int]:
+def _classify(evalset: EvalSet, loaded: LoadedModel, image_feats: torch.Tensor, labels: torch.Tensor,
+              meta: torch.Tensor | None, device: torch.device, amp: Callable) -> dict[str, float]:
+    """Zero-shot classification metrics: single-label, multilabel (mAP), and DataComp's subgroups."""
+    from stages.evaluate import subgroups
+
+    if evalset.groups in ("fairface", "utkface"):
+        objectives = subgroups.split_objectives(evalset.classnames, evalset.templates, evalset.uri)
+        preds = {}
+        for objective, (names, templates) in objectives.items():
+            weights = zero_shot_weights(loaded, names, templates, device, amp)
+            preds[objective] = (image_feats @ weights).argmax(dim=1)
+        return subgroups.fairface_metrics(preds, meta)
+    logits = 100.0 * image_feats @ zero_shot_weights(loaded, evalset.classnames, evalset.templates, device, amp)
+    if evalset.task == MULTILABEL:
+        return scores.multilabel_metrics(logits, labels)
+    metrics = scores.classification_metrics(logits, labels)
+    if evalset.groups:
+        metrics.update(subgroups.wilds_metrics(evalset.groups, logits, labels, meta))
+    return metrics
+
+
+def _total_ignored(evalset: EvalSet, ctx: DistInfo) -> dict[str, int]:
     """Members no rank decoded, by suffix, over all ranks."""
     total: dict[str, int] = {}
     for part in distributed.gather(dict(evalset.ignored), ctx):

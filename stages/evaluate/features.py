@@ -12,7 +12,7 @@ from stages.common.distributed import DistInfo
 from stages.common.errors import DataError
 from stages.common.logs import progress
 from stages.evaluate import shards
-from stages.evaluate.evalsets import EvalSet
+from stages.evaluate.evalsets import MULTILABEL, EvalSet
 from stages.evaluate.model import LoadedModel
 
 
@@ -35,12 +35,34 @@ def _check_images(batch: dict, evalset: EvalSet) -> torch.Tensor:
 
 
 def _check_labels(batch: dict, evalset: EvalSet) -> torch.Tensor:
+    """[B] class indices, or [B, classes] multi-hot targets of a multilabel set."""
     n = len(evalset.classnames)
+    if evalset.groups in ("fairface", "utkface"):  # the targets are the .npy metadata
+        return torch.zeros(len(batch["key"]), dtype=torch.long)
+    if evalset.task == MULTILABEL:
+        for key, url, label in zip(batch["key"], batch["url"], batch["label"], strict=True):
+            if label is None or len(label) != n or not set(label.tolist()) <= {0, 1}:
+                raise DataError(f"{url}: sample {key!r} needs a .npy multi-hot target of {n} zeros and "
+                                f"ones ({n} classes in {evalset.uri}), found "
+                                f"{None if label is None else label.tolist()[:8]}")
+        return torch.stack([torch.as_tensor(label) for label in batch["label"]]).long()
     for key, url, label in zip(batch["key"], batch["url"], batch["label"], strict=True):
         if not isinstance(label, int) or not 0 <= label < n:
             raise DataError(f"{url}: sample {key!r} has label {label!r}, outside 0..{n - 1} "
-                            f"({n} classes in {evalset.uri}/classnames.txt)")
+                            f"({n} classes in {evalset.uri})")
     return torch.tensor(batch["label"], dtype=torch.long)
+
+
+def _check_metadata(batch: dict, evalset: EvalSet) -> torch.Tensor | None:
+    if not evalset.groups:
+        return None
+    from stages.evaluate.subgroups import metadata_array
+
+    for key, url, meta in zip(batch["key"], batch["url"], batch["meta"], strict=True):
+        if meta is None:
+            raise DataError(f"{url}: sample {key!r} has no usable .npy metadata, which eval set "
+                            f"{evalset.name} needs for its subgroup metrics")
+    return metadata_array(batch["meta"], evalset.groups)
 
 
 def _batches(evalset: EvalSet, loaded: LoadedModel, batch_size: int, workers: int, ctx: DistInfo,
@@ -56,20 +78,24 @@ def _batches(evalset: EvalSet, loaded: LoadedModel, batch_size: int, workers: in
         yield batch
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_classification(evalset: EvalSet, loaded: LoadedModel, device: torch.device, amp: Callable,
                           batch_size: int, workers: int, ctx: DistInfo, log: logging.Logger):
-    """(normalised image features, labels) of this rank's samples, on the CPU in fp32."""
-    feats, labels = [], []
+    """(normalised image features, labels, .npy metadata or None) of this rank's samples, on the
+    CPU in fp32."""
+    feats, labels, metas = [], [], []
     for batch in _batches(evalset, loaded, batch_size, workers, ctx, log):
         images = _check_images(batch, evalset)
         labels.append(_check_labels(batch, evalset))
+        meta = _check_metadata(batch, evalset)
+        if meta is not None:
+            metas.append(meta)
         with amp():
             feats.append(loaded.model.encode_image(images.to(device), normalize=True).float().cpu())
-    return _cat(feats), _cat(labels)
+    return _cat(feats), _cat(labels), _cat(metas)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_retrieval(evalset: EvalSet, loaded: LoadedModel, device: torch.device, amp: Callable,
                      batch_size: int, workers: int, ctx: DistInfo, log: logging.Logger):
     """(image features, caption features, image index of each caption) of this rank's samples."""

@@ -48,3 +48,6 @@ class EvalMetrics:
             for metric, value in res["metrics"].items():
                 self.metric.labels(dataset=name, metric=metric).set(value)
             self.samples.labels(dataset=name).inc(res["samples"])
+        suite = document.get("suite")
+        if suite and suite.get("average") is not None:
+            self.metric.labels(dataset=suite["name"], metric="average").set(suite["average"])

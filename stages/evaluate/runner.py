@@ -8,9 +8,16 @@ from stages.common import config as config_mod
 from stages.common import distributed, runinfo
 from stages.common.logs import setup_logging
 from stages.common.shards import SampleKeys, probe
-from stages.evaluate import report
+from stages.evaluate import report, suite
 from stages.evaluate.config import EvaluateConfig
-from stages.evaluate.evalsets import RETRIEVAL, EvalSet, open_eval_set, open_val_split
+from stages.evaluate.evalsets import (
+    CLASSIFICATION,
+    LINEAR_PROBE,
+    RETRIEVAL,
+    EvalSet,
+    open_eval_set,
+    open_val_split,
+)
 from stages.evaluate.evaluation import evaluate_set
 from stages.evaluate.model import load_model
 
@@ -18,15 +25,31 @@ from stages.evaluate.model import load_model
 def open_inputs(cfg: EvaluateConfig) -> list[EvalSet]:
     """Every eval set, checked (class names, templates, shards, the first samples) before any
     model is built."""
+    if cfg.model:
+        from stages.evaluate import stock
+
+        stock.check(cfg.model, cfg.pretrained)
     sets = [open_eval_set(name, uri) for name, uri in cfg.eval_specs()]
+    sets += [open_eval_set(name, uri, linear_probe=True) for name, uri in cfg.linear_probe_specs()]
+    if cfg.suite:
+        sets += [open_eval_set(task.key, uri) for task, uri in suite.locate(cfg.suite_root)[0]]
     if cfg.val_data:
         sets.append(open_val_split(cfg.val_data))
     keys = SampleKeys(max_pixels=cfg.max_image_pixels)
     for es in sets:
         es.keys, es.max_samples = keys, cfg.max_samples
-        probe(es.shards, keys, f"eval set {es.name} ({es.uri})",
-              need="caption" if es.task == RETRIEVAL else "label")
+        need = ("caption" if es.task == RETRIEVAL else "label" if es.task in (CLASSIFICATION, LINEAR_PROBE)
+                and es.groups not in ("fairface", "utkface") else "image")
+        probe(es.shards, keys, f"eval set {es.name} ({es.uri})", need=need)
     return sets
+
+
+def _load(cfg: EvaluateConfig, device):
+    if cfg.model:
+        from stages.evaluate import stock
+
+        return stock.load(cfg.model, cfg.pretrained, device)
+    return load_model(cfg.checkpoint_uri, device)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
@@ -39,12 +62,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         metrics.stage.serve(cfg.metrics_port, cfg.metrics_addr)
     try:
         evalsets = open_inputs(cfg)
-        loaded = load_model(cfg.checkpoint_uri, device)
+        loaded = _load(cfg, device)
         log.info("model %s from %s (step %s) on %s, %d rank(s)", loaded.name, loaded.checkpoint,
                  loaded.step, device, ctx.world_size)
         results = {es.name: evaluate_set(es, loaded, device, cfg, ctx, log) for es in evalsets}
         model_info = {"name": loaded.name, "checkpoint": loaded.checkpoint, "step": loaded.step}
         document = report.results_document(results, model_info)
+        if cfg.suite:
+            document["suite"] = suite.summary(results, suite.locate(cfg.suite_root)[1])
         if ctx.is_main:
             _publish(cfg, document, metrics, started)
         distributed.barrier(ctx)
@@ -57,6 +82,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 def _publish(cfg: EvaluateConfig, document: dict, metrics: report.EvalMetrics, started: float) -> None:
     report.write_results(cfg.results_uri, document)
     print(report.table(document), flush=True)
+    if "suite" in document:
+        print(suite.table(document["suite"]), flush=True)
     print(f"results: {cfg.results_uri}", flush=True)
     runinfo.record_stage(
         cfg.run_dir, "evaluate", config=config_mod.to_dict(cfg),

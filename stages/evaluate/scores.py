@@ -17,6 +17,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     return metrics
 
 
+def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Mean average precision over the classes (CLIP_benchmark's average_precision_per_class)."""
+    from clip_benchmark.metrics.zeroshot_classification import average_precision_per_class
+
+    return {"mean_average_precision": average_precision_per_class(logits, targets).mean().item()}
+
+
 def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     """Recall averaged over the classes that occur in the labels (as CLIP_benchmark's balanced accuracy)."""
     seen = labels.unique()

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stages.common import shards as wds_shards
 from stages.common.shards import SampleKeys, Unusable, rank_shards
-from stages.evaluate.evalsets import RETRIEVAL, EvalSet
+from stages.evaluate import labels
+from stages.evaluate.evalsets import MULTILABEL, RETRIEVAL, EvalSet
 
 
 def share(total: int | None, part: int, parts: int) -> int | None:
@@ -35,6 +36,7 @@ class EvalStream(IterableDataset):
         self.rank, self.world = rank, world
         self.shards, self.split_samples = rank_shards(evalset.shards, rank, world)
         self.cap = share(max_samples, rank, world)
+        self._wants_npy = bool(evalset.groups) or evalset.task == MULTILABEL
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -49,7 +51,8 @@ class EvalStream(IterableDataset):
                     continue
                 if cap is not None and taken >= cap:
                     break
-                ignored.update(self.keys.ignored(sample))
+                ignored.update(k for k in self.keys.ignored(sample)
+                               if not (self._wants_npy and k == labels.METADATA_KEY))
                 records.append(self._record(sample))
                 taken += 1
                 if len(records) == self.batch_size:
@@ -72,9 +75,15 @@ class EvalStream(IterableDataset):
                 record["captions"] = []
         else:
             try:
-                record["label"] = self.keys.label(sample)
+                record["label"] = (labels.metadata(sample) if self.evalset.task == MULTILABEL
+                                   else self.keys.label(sample))
             except Unusable:
                 record["label"] = None
+        if self.evalset.groups:
+            try:
+                record["meta"] = labels.metadata(sample)
+            except Unusable:
+                record["meta"] = None
         return record
 
 

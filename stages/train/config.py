@@ -82,6 +82,13 @@ class TrainConfig(CommonConfig):
     log_every_n_steps: int = _f(100, "log a progress line every N steps")
     tensorboard: str = _f("", "write TensorBoard scalars to this local folder (needs the tensorboard package)")
     peak_flops: float = _f(0.0, "peak FLOP/s of one device for MFU (default: looked up for known GPUs)")
+    # zero-shot classification during training (stages.train.zeroshot)
+    imagenet_val: str = _f("", "ImageNet val folder (class folders, as open_clip_train's --imagenet-val)")
+    imagenet_v2: str = _f("", "ImageNetV2 matched-frequency folder (class folders 0..999)")
+    zeroshot_data: list[str] = _f([], "sets in CLIP_benchmark wds layout (URI or NAME=URI, any store)")
+    zeroshot_frequency: int = _f(2, "zero-shot every N epochs and after the last (0: by epoch never)")
+    zeroshot_every_steps: int = _f(0, "also zero-shot every N optimizer steps (0: off)")
+    zeroshot_batch_size: int = _f(64, "images per zero-shot batch")
 
     def __post_init__(self) -> None:
         # without --run-id every rank would pick its own; stages.common.distributed makes them agree
@@ -119,12 +126,16 @@ class TrainConfig(CommonConfig):
 
         self.model = resolve_model(self.model, self.model_config)
         self._check_data(world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        from stages.train.zeroshot import open_sets
+
+        open_sets(self)
 
     def _check_numbers(self) -> None:
         positive = {"--batch-size": self.batch_size, "--accum-freq": self.accum_freq,
                     "--epochs": self.epochs, "--max-nonfinite-steps": self.max_nonfinite_steps,
                     "--log-every-n-steps": self.log_every_n_steps,
-                    "--max-unusable-samples": self.max_unusable_samples}
+                    "--max-unusable-samples": self.max_unusable_samples,
+                    "--zeroshot-batch-size": self.zeroshot_batch_size}
         if self.steps is not None:
             positive["--steps"] = self.steps
         if self.train_num_samples is not None:
@@ -139,7 +150,9 @@ class TrainConfig(CommonConfig):
                             "--val-every-steps": self.val_every_steps, "--lr": self.lr,
                             "--step-timeout": self.step_timeout,
                             "--max-image-pixels": self.max_image_pixels,
-                            "--data-timeout": self.data_timeout}.items():
+                            "--data-timeout": self.data_timeout,
+                            "--zeroshot-frequency": self.zeroshot_frequency,
+                            "--zeroshot-every-steps": self.zeroshot_every_steps}.items():
             if value < 0:
                 raise ConfigError(f"{flag} {value}: must not be negative")
 

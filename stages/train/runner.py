@@ -11,11 +11,17 @@ import torch
 
 from stages.common import runinfo
 from stages.common.config import to_dict
-from stages.common.distributed import (DistInfo, agree_run_id, collective_timeout, init_distributed,
-                                      shutdown, wrap_ddp)
+from stages.common.distributed import (
+    DistInfo,
+    agree_run_id,
+    collective_timeout,
+    init_distributed,
+    shutdown,
+    wrap_ddp,
+)
 from stages.common.errors import ConfigError, DataError
 from stages.common.logs import setup_logging
-from stages.train import optim
+from stages.train import optim, zeroshot
 from stages.train.checkpoint_manager import CheckpointManager
 from stages.train.config import TrainConfig
 from stages.train.loop import NonFiniteGuard, StepOutcome, TrainStep, step_groups
@@ -105,6 +111,7 @@ class Session:
     last_val: dict = dataclasses.field(default_factory=dict)
     last_loss: float | None = None
     watchdog: Watchdog | None = None
+    zeroshot_sets: list = dataclasses.field(default_factory=list)
 
     @property
     def step_samples(self) -> int:
@@ -194,6 +201,7 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps, progress=progress,
                       metrics=metrics, checkpoints=manager, loaded_from=ckpt.uri if ckpt else None)
     _setup_reporting(session)
+    session.zeroshot_sets = zeroshot.open_sets(cfg)
     return session
 
 
@@ -306,6 +314,17 @@ def _after_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds:
     if s.val_data is not None and (last or (cfg.val_every_steps and p.step % cfg.val_every_steps == 0)):
         with s.watchdog.phase("validation"):  # every rank validates its part (bounded by --val-num-samples)
             _validate(s)
+    if s.zeroshot_sets and zeroshot.due(cfg, p.step, s.steps_per_epoch, last):
+        with s.watchdog.phase("validation"):  # every rank encodes its share of the images
+            _zero_shot(s)
+
+
+def _zero_shot(s: Session) -> None:
+    results = zeroshot.evaluate(s.bundle, s.zeroshot_sets, s.info.device, s.cfg.zeroshot_batch_size,
+                                s.info.rank, s.info.world_size)
+    if s.info.is_main:
+        zeroshot.record(s.cfg.run_dir, s.progress.step, s.progress.epoch, results)
+        s.metrics.validation({k: v for res in results.values() for k, v in res["metrics"].items()})
 
 
 def _record_metrics(s: Session, out: StepOutcome, lr: float, waited: float, seconds: float,

@@ -71,11 +71,11 @@ def write_retrieval_set(uri: str, per_class: int = 3, shards: int = 2) -> list[t
     return encoded
 
 
-def _write_shards(uri: str, samples: list[dict], shards: int) -> None:
+def _write_shards(uri: str, samples: list[dict], shards: int, split: str = "test") -> None:
     per = -(-len(samples) // shards)
     for s in range(shards):
-        storage.write_bytes(storage.join(uri, "test", f"{s}.tar"), tar_bytes(samples[s * per:(s + 1) * per]))
-    storage.write_text(storage.join(uri, "test", "nshards.txt"), f"{shards}\n")
+        storage.write_bytes(storage.join(uri, split, f"{s}.tar"), tar_bytes(samples[s * per:(s + 1) * per]))
+    storage.write_text(storage.join(uri, split, "nshards.txt"), f"{shards}\n")
 
 
 def train_micro(steps: int = 60, seed: int = 0):
@@ -127,3 +127,75 @@ def untrained_micro(seed: int = 1):
     register_builtin_configs()
     torch.manual_seed(seed)
     return open_clip.create_model("clipforge-micro").eval()
+
+
+def npy_bytes(values) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(values, dtype="int64"), allow_pickle=False)
+    return buf.getvalue()
+
+
+def halves(left: str, right: str, seed: int, size: int = 32):
+    """An image whose left half is one colour and right half another (two labels)."""
+
+    img = square(left, seed, size)
+    img.paste(square(right, seed + 1, size).crop((size // 2, 0, size, size)), (size // 2, 0))
+    return img
+
+
+def write_multilabel_set(uri: str, count: int = 18, shards: int = 2) -> list[tuple]:
+    """CLIP_benchmark's multilabel wds layout: dataset_type.txt 'multilabel', multi-hot .npy targets."""
+    storage.write_text(storage.join(uri, "dataset_type.txt"), "multilabel\n")
+    storage.write_text(storage.join(uri, "classnames.txt"), "\n".join(CLASSNAMES) + "\n")
+    storage.write_text(storage.join(uri, "zeroshot_classification_templates.txt"), "a photo of {c}.\n{c}\n")
+    rng = random.Random(7)
+    items = []
+    for i in range(count):
+        a, b = rng.sample(range(len(CLASSNAMES)), 2)
+        target = [1 if c in (a, b) else 0 for c in range(len(CLASSNAMES))]
+        items.append((encode(halves(CLASSNAMES[a], CLASSNAMES[b], 300 + i), "png"), target))
+    _write_shards(uri, [{"__key__": f"m{i:05d}", "png": data, "npy": npy_bytes(t)}
+                        for i, (data, t) in enumerate(items)], shards)
+    return items
+
+
+def write_multicaption_set(uri: str, per_class: int = 3, shards: int = 2) -> list[tuple]:
+    """A retrieval set with two or three captions per image (one per line of .txt)."""
+    storage.write_text(storage.join(uri, "dataset_type.txt"), "retrieval\n")
+    items = []
+    for k, name in enumerate(CLASSNAMES):
+        for i in range(per_class):
+            captions = [f"a {name} square number {i}", f"{name}"] + ([f"something {name}"] if i % 2 else [])
+            items.append((encode(square(name, 7000 + i * 13 + k), "png"), captions))
+    _write_shards(uri, [{"__key__": f"c{i:05d}", "png": data, "txt": "\n".join(caps)}
+                        for i, (data, caps) in enumerate(items)], shards)
+    return items
+
+
+def write_grouped_set(uri: str, fields: int, per_class: int = 4, shards: int = 2, seed: int = 3) -> list[tuple]:
+    """A classification set whose samples carry DataComp-style .npy metadata (`fields` small ints,
+    the last-but-one varied most); returns [(encoded image, label, metadata)]."""
+    storage.write_text(storage.join(uri, "classnames.txt"), "\n".join(CLASSNAMES) + "\n")
+    storage.write_text(storage.join(uri, "zeroshot_classification_templates.txt"), "\n".join(TEMPLATES) + "\n")
+    rng = random.Random(seed)
+    items = []
+    for label, name in enumerate(CLASSNAMES):
+        for i in range(per_class):
+            meta = [rng.randrange(3) for _ in range(fields - 1)] + [label]
+            items.append((encode(square(name, 900 + i * 31 + label), "png"), label, meta))
+    rng.shuffle(items)
+    _write_shards(uri, [{"__key__": f"g{i:05d}", "png": data, "cls": label, "npy": npy_bytes(meta)}
+                        for i, (data, label, meta) in enumerate(items)], shards)
+    return items
+
+
+def write_probe_set(uri: str, train_per_class: int = 5, test_per_class: int = 3) -> None:
+    """A classification set with train/ and test/ splits (CLIP_benchmark's linear-probe layout)."""
+    storage.write_text(storage.join(uri, "classnames.txt"), "\n".join(CLASSNAMES) + "\n")
+    storage.write_text(storage.join(uri, "zeroshot_classification_templates.txt"), "{c}\n")
+    for split, per, base in (("train", train_per_class, 20000), ("test", test_per_class, 40000)):
+        samples = [{"__key__": f"{split}{label:02d}{i:03d}", "png": encode(square(name, base + i * 7 + label), "png"),
+                    "cls": label} for label, name in enumerate(CLASSNAMES) for i in range(per)]
+        _write_shards(uri, samples, 2, split)

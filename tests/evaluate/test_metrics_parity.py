@@ -78,6 +78,7 @@ def test_metrics_equal_open_clip_reference(tmp_path, workers):
     assert colours["checkpoint_step"] == 7 and colours["model"] == "clipforge-micro"
     assert colours["metrics"] == pytest.approx(_reference_classification(model, preprocess, cls_items),
                                                abs=1e-6)
-    assert captions["metrics"] == pytest.approx(_reference_retrieval(model, preprocess, ret_items),
-                                                abs=1e-6)
+    reference = _reference_retrieval(model, preprocess, ret_items)
+    reference["mean_recall@1"] = 0.5 * (reference["text_retrieval_recall@1"] + reference["image_retrieval_recall@1"])
+    assert captions["metrics"] == pytest.approx(reference, abs=1e-6)
     assert 0.0 < colours["metrics"]["acc1"] < 1.0  # the comparison is not between two trivial values

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
-
-import shlex
 
 import yaml
 

@@ -1,0 +1,179 @@
+"""`clipforge evaluate --suite datacomp`: DataComp's task list on a root of sets in CLIP_benchmark's
+wds layout, with its main metrics, its WILDS/fairness subgroup metrics, missing sets listed, and its
+average.
+
+The subgroup reference is DataComp's own evaluator code (eval_utils/wilds_eval.py and
+fairness_eval.py) on the `wilds` package's metrics, with DataComp's replacement for wilds'
+torch_scatter group average; predictions come from CLIP_benchmark's classifier code.
+"""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+import wilds.common.metrics.metric as wilds_metric
+import wilds.common.utils as wilds_utils
+from clip_benchmark.datasets.builder import build_dataset
+from clip_benchmark.metrics import zeroshot_classification as zsc
+from evalkit import (
+    save_checkpoint,
+    untrained_micro,
+    write_classification_set,
+    write_grouped_set,
+    write_retrieval_set,
+)
+from wilds.common.grouper import CombinatorialGrouper
+from wilds.common.metrics.all_metrics import F1, Accuracy, Recall
+from wilds.datasets.wilds_dataset import WILDSDataset
+
+from stages.evaluate import suite
+from stages.evaluate.cli import main
+
+GROUPED = {  # DataComp folder name: (task key, number of .npy fields)
+    "wds_wilds-camelyon17_test": ("wilds/camelyon17", 3),
+    "wds_wilds-fmow_test": ("wilds/fmow", 3),
+    "wds_wilds-iwildcam_test": ("wilds/iwildcam", 9),
+    "wds_dollar_street_test": ("fairness/dollar_street", 3),
+    "wds_geode_test": ("fairness/geode", 2),
+}
+
+
+def _avg_over_groups(v, g, n_groups):  # DataComp's stand-in for wilds' torch_scatter version
+    count = wilds_utils.get_counts(g, n_groups)
+    avgs = torch.zeros(n_groups, dtype=torch.float, device=v.device).scatter_(0, index=g, src=v, reduce="add")
+    return avgs / count, count
+
+
+class _Evaluator(WILDSDataset):
+    def __init__(self, metadata, fields):
+        self._metadata_array, self._metadata_fields = metadata, fields
+
+
+def _datacomp_reference(task: str, logits, target, metadata) -> dict:
+    """DataComp's evaluators (wilds_eval.py / fairness_eval.py), condensed to the ones tested."""
+    pred = logits.argmax(dim=1)
+    fields = {"wilds/camelyon17": ["hospital", "slide", "y"], "wilds/fmow": ["region", "year", "y"],
+              "wilds/iwildcam": ["location", "sequence", "year", "month", "day", "hour", "minute", "second", "y"],
+              "fairness/dollar_street": ["income_ds", "income_meta", "region"],
+              "fairness/geode": ["region", "country"]}[task]
+    ev = _Evaluator(metadata, fields)
+    if task == "wilds/iwildcam":
+        out = {}
+        for metric in (Accuracy(), Recall(average="macro"), F1(average="macro")):
+            out.update(metric.compute(pred, target))
+        return out
+    if task == "wilds/fmow":
+        metric = Accuracy()
+        out, _ = ev.standard_group_eval(metric, CombinatorialGrouper(ev, ["year"]), pred, target, metadata)
+        out["acc_worst_year"] = out.pop("acc_wg")
+        region = CombinatorialGrouper(ev, ["region"])
+        res = metric.compute_group_wise(pred, target, region.metadata_to_group(metadata), region.n_groups)
+        worst = [res[metric.group_metric_field(g)] for g in range(region.n_groups)
+                 if res[metric.group_count_field(g)] > 0]
+        for g in range(region.n_groups):
+            out[f"acc_{region.group_field_str(g)}"] = res[metric.group_metric_field(g)]
+            out[f"count_{region.group_field_str(g)}"] = res[metric.group_count_field(g)]
+        out["acc_worst_region"] = min(worst)
+        return out
+    if task == "fairness/dollar_street":
+        class TopK(Accuracy):
+            def _compute_element_wise(self, y_pred, y_true):
+                return (y_pred == y_true.unsqueeze(-1)).any(-1).float()
+        top5 = logits.topk(5, dim=1).indices
+        return ev.standard_group_eval(TopK(name="acc_top5"), CombinatorialGrouper(ev, ["income_ds"]),
+                                      top5, target, metadata)[0]
+    by = {"wilds/camelyon17": "slide", "fairness/geode": "region"}[task]
+    return ev.standard_group_eval(Accuracy(), CombinatorialGrouper(ev, [by]), pred, target, metadata)[0]
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("datacomp")
+    model = untrained_micro(seed=4)
+    save_checkpoint(model, str(tmp / "run"), step=5)
+    root = tmp / "evalsets"
+    write_classification_set(str(root / "wds_cifar10_test"), per_class=3, shards=2)
+    write_classification_set(str(root / "wds_vtab-pets_test"), per_class=3, shards=1)
+    write_retrieval_set(str(root / "wds_retrieval-flickr_1k_test_image_text_retrieval_test"), per_class=2)
+    sets = {folder: write_grouped_set(str(root / folder), fields, seed=len(folder))
+            for folder, (_, fields) in GROUPED.items()}
+    out = tmp / "results.json"
+    assert main(["--checkpoint", str(tmp / "run"), "--root", str(tmp), "--run-id", "run", "--workers", "0",
+                 "--batch-size", "8", "--output", str(out), "--suite", "datacomp",
+                 "--suite-root", str(root)]) == 0
+    return model, tmp, sets, json.loads(out.read_text())
+
+
+def test_suite_lists_every_task_that_did_not_run(suite_run):
+    _, _, _, doc = suite_run
+    summary = doc["suite"]
+    ran = {row["task"] for row in summary["tasks"]}
+    assert ran == {"cifar10", "vtab/pets", "retrieval/flickr_1k_test_image_text_retrieval",
+                   *[key for key, _ in GROUPED.values()]}
+    missing = {m["task"]: m for m in summary["missing"]}
+    assert len(ran) + len(missing) == len(suite.DATACOMP_TASKS) == 40
+    assert missing["imagenet1k"]["reason"] == "not found"
+    assert missing["imagenet1k"]["expected"].endswith("evalsets/wds_imagenet1k_test")
+    assert "no CLIP_benchmark wds layout" in missing["misc/winogavil"]["reason"]
+    assert summary["complete"] is False
+
+
+def test_suite_average_is_datacomps_mean_of_main_metrics(suite_run):
+    _, _, _, doc = suite_run
+    rows = {row["task"]: row for row in doc["suite"]["tasks"]}
+    datasets = doc["datasets"]
+    assert rows["vtab/pets"]["main_metric"] == "mean_per_class_recall"
+    assert rows["retrieval/flickr_1k_test_image_text_retrieval"]["value"] == pytest.approx(
+        0.5 * (datasets["retrieval/flickr_1k_test_image_text_retrieval"]["metrics"]["text_retrieval_recall@1"]
+               + datasets["retrieval/flickr_1k_test_image_text_retrieval"]["metrics"]["image_retrieval_recall@1"]))
+    expected_main = {"cifar10": "acc1", "wilds/camelyon17": "acc1", "wilds/fmow": "acc_worst_region",
+                     "wilds/iwildcam": "F1-macro_all", "fairness/dollar_street": "acc_top5_wg",
+                     "fairness/geode": "acc_wg"}
+    for task, metric in expected_main.items():
+        assert rows[task]["main_metric"] == metric
+        assert rows[task]["value"] == datasets[task]["metrics"][metric]
+    values = [row["value"] for row in rows.values()]
+    assert doc["suite"]["average"] == pytest.approx(sum(values) / len(values))
+    assert doc["suite"]["averaged_tasks"] == len(rows) == 8
+
+
+def test_suite_average_is_a_metric_with_the_suite_as_dataset(suite_run):
+    from stages.evaluate.report import EvalMetrics
+
+    _, _, _, doc = suite_run
+    metrics = EvalMetrics("suite-test")
+    metrics.record(doc)
+    value = metrics.stage.registry.get_sample_value(
+        "clipforge_evaluate_metric", {"run_id": "suite-test", "dataset": "datacomp", "metric": "average"})
+    assert value == pytest.approx(doc["suite"]["average"])
+    assert metrics.stage.registry.get_sample_value(
+        "clipforge_evaluate_metric", {"run_id": "suite-test", "dataset": "wilds/fmow",
+                                      "metric": "acc_worst_region"}) == doc["datasets"]["wilds/fmow"]["metrics"]["acc_worst_region"]
+
+
+@pytest.mark.parametrize("folder", sorted(GROUPED))
+def test_subgroup_metrics_equal_datacomps_evaluators(suite_run, folder, monkeypatch):
+    model, tmp, sets, doc = suite_run
+    task, _ = GROUPED[folder]
+    monkeypatch.setattr(wilds_utils, "avg_over_groups", _avg_over_groups)
+    monkeypatch.setattr(wilds_metric, "avg_over_groups", _avg_over_groups)
+    _, _, preprocess = open_clip.create_model_and_transforms("clipforge-micro")
+    ds = build_dataset(dataset_name=f"wds/{task}", root=str(tmp / "evalsets" / folder), transform=preprocess,
+                       split="test", download=False)
+    classifier = zsc.zero_shot_classifier(model, open_clip.get_tokenizer("clipforge-micro"), ds.classes,
+                                          ds.templates, "cpu", amp=False)
+    logits, target = zsc.run_classification(model, classifier, torch.utils.data.DataLoader(ds, batch_size=8),
+                                            "cpu", amp=False)
+    metadata = torch.tensor([meta for _, _, meta in sets[folder]])
+    reference = _datacomp_reference(task, logits, target, metadata)
+    ours = doc["datasets"][task]["metrics"]
+    empty = [k.removeprefix("count_") for k, v in reference.items() if k.startswith("count_") and v == 0]
+    for key, value in reference.items():
+        if any(key.endswith("_" + label) for label in empty):
+            assert key not in ours  # groups no sample falls in are not listed
+            continue
+        assert ours[key] == pytest.approx(float(value), abs=1e-6), key
+    assert any(k.startswith("count_") for k in ours) or task == "wilds/iwildcam"
