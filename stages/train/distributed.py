@@ -33,25 +33,29 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
+def pick_device(requested: str, local_rank: int, same_device: bool = False) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible to this process")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(0 if same_device else local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def init_distributed(requested_device: str) -> DistInfo:
-    """Join the process group when launched with WORLD_SIZE > 1: NCCL on GPUs, gloo on CPU."""
+def init_distributed(requested_device: str, backend: str = "", url: str = "",
+                     same_device: bool = False) -> DistInfo:
+    """Join the process group when launched with WORLD_SIZE > 1: NCCL on GPUs, gloo on CPU.
+
+    `backend`/`url` are open_clip_train's --dist-backend/--dist-url; `same_device` its --no-set-device-rank.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(requested_device, local_rank)
+    device = pick_device(requested_device, local_rank, same_device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         timeout = datetime.timedelta(seconds=float(os.environ.get("CLIPFORGE_DIST_TIMEOUT_S", "1800")))
-        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        store, _, _ = next(dist.rendezvous(url or "env://", rank, world_size, timeout=timeout))
         # torchrun may hand a restarted worker group the same store: without a per-attempt prefix
         # the new ranks would read the killed ranks' addresses and fail to connect
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

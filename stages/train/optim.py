@@ -13,13 +13,38 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
-def create_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def default_adam_params(model_name: str) -> dict[str, float]:
+    """open_clip_train's defaults by model family (from the CLIP paper): ViTs 0.98/1e-6, others 0.999/1e-8."""
+    from open_clip_train.params import get_default_params
+
+    return get_default_params(model_name)
+
+
+def create_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.opt.lower().startswith("timm/"):
+        return _timm_optimizer(model, cfg)
+    defaults = default_adam_params(cfg.model)
+    beta1, beta2, eps = (v if v is not None else defaults[k]
+                         for k, v in (("beta1", cfg.beta1), ("beta2", cfg.beta2), ("eps", cfg.eps)))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay_free = [p for n, p in named if no_weight_decay(n, p)]
     rest = [p for n, p in named if not no_weight_decay(n, p)]
     return torch.optim.AdamW(
         [{"params": decay_free, "weight_decay": 0.0}, {"params": rest, "weight_decay": cfg.wd}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=can_fuse([p for _, p in named]))
+        lr=cfg.lr, betas=(beta1, beta2), eps=eps, fused=can_fuse([p for _, p in named]))
+
+
+def _timm_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer factory with the arguments open_clip_train gives it (its own param groups)."""
+    from timm.optim import create_optimizer_v2
+
+    kwargs = {}
+    if cfg.beta1 is not None:
+        kwargs["betas"] = (cfg.beta1, cfg.beta2)
+    if cfg.momentum is not None:
+        kwargs["momentum"] = cfg.momentum
+    return create_optimizer_v2(model, cfg.opt.lower().split("timm/", 1)[1], lr=cfg.lr, weight_decay=cfg.wd,
+                               eps=cfg.eps, **kwargs)
 
 
 def can_fuse(params: list[torch.Tensor]) -> bool:
@@ -31,6 +56,8 @@ def can_fuse(params: list[torch.Tensor]) -> bool:
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int,
                      steps_per_epoch: int):
     """A function step -> lr that also sets the optimizer's LR; a pure function of the step."""
+    if cfg.skip_scheduler:  # open_clip_train never calls its scheduler: the LR stays at --lr
+        return lambda step: cfg.lr
     if cfg.lr_scheduler == "cosine":
         return cosine_lr(optimizer, cfg.lr, cfg.warmup, total_steps)
     if cfg.lr_scheduler == "const":

@@ -13,13 +13,14 @@ from stages.common import runinfo
 from stages.common.config import to_dict
 from stages.common.errors import ConfigError, DataError
 from stages.common.logs import setup_logging
-from stages.train import checkpoint, optim
+from stages.train import checkpoint, openclip_checkpoint, optim
 from stages.train.config import TrainConfig
 from stages.train.distributed import DistInfo, init_distributed, shutdown, wrap_ddp
 from stages.train.loop import NonFiniteGuard, StepOutcome, TrainStep, step_groups
 from stages.train.loss import create_loss
 from stages.train.metrics import TrainMetrics, flops_per_sample, peak_flops
-from stages.train.model import ModelBundle, build_model, maybe_compile, random_seed
+from stages.train.model import ModelBundle, build_distill_model, build_model, maybe_compile, random_seed
+from stages.train.reporting import Reporters
 from stages.train.validate import evaluate
 
 log = logging.getLogger("clipforge.train")
@@ -52,16 +53,19 @@ class Session:
     loaded_from: str | None = None
     flops_per_sample: float = 0.0
     peak_flops: float = 0.0
-    tb_writer: Any = None
+    reporters: Any = None
     last_val: dict = dataclasses.field(default_factory=dict)
     last_pointer: dict | None = None
     last_loss: float | None = None
+    teacher: Any = None
 
 
 def run(cfg: TrainConfig) -> int:
     started = time.time()
-    info = init_distributed(cfg.device)
-    setup_logging("train", cfg.run_id, info.rank, cfg.log_level if info.is_main else "WARNING")
+    info = init_distributed(cfg.device, backend=cfg.dist_backend, url=cfg.dist_url,
+                            same_device=cfg.no_set_device_rank)
+    logs_here = info.is_main or (cfg.log_local and info.local_rank == 0)
+    setup_logging("train", cfg.run_id, info.rank, cfg.log_level if logs_here else "WARNING")
     metrics = TrainMetrics(cfg.run_id, info.rank)
     metrics.serve(cfg.metrics_port, cfg.metrics_addr, info.local_rank)
     try:
@@ -75,10 +79,10 @@ def run(cfg: TrainConfig) -> int:
 
 
 def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics) -> Session:
-    from stages.train.data import get_train_data, get_val_data
+    from stages.train.sources import get_train_data, get_val_data
 
     resume_uri = checkpoint.find_resume(cfg.resume, cfg.checkpoint_dir)
-    ckpt = checkpoint.load_for_resume(resume_uri) if resume_uri else None
+    ckpt = openclip_checkpoint.load_for_resume(resume_uri) if resume_uri else None
     progress = _progress_from(ckpt)
     bundle = build_model(cfg, info.device, info.rank)
     data = get_train_data(cfg, bundle.preprocess_train, bundle.tokenizer, rank=info.rank,
@@ -91,6 +95,7 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics) -> Session:
             f"optimizer step needs --accum-freq {cfg.accum_freq} of them; use more data or a smaller "
             "--batch-size/--accum-freq")
     total_steps = cfg.steps or steps_per_epoch * cfg.epochs
+    openclip_checkpoint.place(ckpt, progress, steps_per_epoch)
     optimizer = optim.create_optimizer(bundle.model, cfg)
     scaler = torch.amp.GradScaler(device=info.device.type) if cfg.precision == "amp" else None
     if ckpt:
@@ -99,6 +104,8 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics) -> Session:
         if not info.is_main:  # only rank 0's RNG is saved; the others get a fresh, distinct stream
             random_seed(cfg.seed + progress.step, info.rank)
         log.info("resumed from %s at step %d (epoch %d)", resume_uri, progress.step, progress.epoch)
+    if cfg.use_bn_sync and info.distributed:
+        bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bundle.model)
     model = maybe_compile(wrap_ddp(bundle.model, info, cfg.ddp_static_graph), cfg.torchcompile)
     val_data = None
     if cfg.has_val and info.is_main:
@@ -107,7 +114,8 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics) -> Session:
                       scheduler=optim.create_scheduler(optimizer, cfg, total_steps, steps_per_epoch),
                       loss_fn=create_loss(cfg, info), data=data, val_data=val_data,
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps, progress=progress,
-                      metrics=metrics, loaded_from=resume_uri)
+                      metrics=metrics, loaded_from=resume_uri,
+                      teacher=build_distill_model(cfg, info.device))
     _setup_reporting(session)
     return session
 
@@ -132,17 +140,14 @@ def _setup_reporting(s: Session) -> None:
                  s.total_steps, s.cfg.batch_size * s.cfg.accum_freq * s.info.world_size,
                  s.steps_per_epoch, f"{s.peak_flops:.3g} FLOP/s" if s.peak_flops else "FLOP/s unknown "
                  "(no MFU; give --peak-flops)")
-        if s.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            s.tb_writer = SummaryWriter(s.cfg.tensorboard)
+        s.reporters = Reporters(s.cfg)
 
 
 def train(s: Session) -> None:
     """Optimizer steps until --steps/--epochs are done, epoch by epoch."""
     p, cfg = s.progress, s.cfg
     step_fn = TrainStep(s.model, s.loss_fn, s.optimizer, s.scaler, precision=cfg.precision,
-                        grad_clip_norm=cfg.grad_clip_norm, info=s.info)
+                        grad_clip_norm=cfg.grad_clip_norm, info=s.info, teacher=s.teacher)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, p.nonfinite_total)
     loader_epoch = p.epoch
     s.model.train()
@@ -175,10 +180,13 @@ def _after_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds:
     last = p.step == s.total_steps
     if s.info.is_main and (p.step % cfg.log_every_n_steps == 0 or p.step == 1 or last):
         _log_step(s, out, lr, waited, seconds)
-    if s.val_data is not None and (last or (cfg.val_every_steps and p.step % cfg.val_every_steps == 0)):
+    epoch_done = p.step >= (p.epoch + 1) * s.steps_per_epoch
+    every_epochs = lambda n: bool(n) and epoch_done and (p.epoch + 1) % n == 0  # noqa: E731
+    if s.val_data is not None and (last or (cfg.val_every_steps and p.step % cfg.val_every_steps == 0)
+                                   or every_epochs(cfg.val_frequency)):
         _validate(s)
-    if last or (cfg.save_every_steps and p.step % cfg.save_every_steps == 0):
-        _save(s, epoch_done=p.step >= (p.epoch + 1) * s.steps_per_epoch)
+    if last or (cfg.save_every_steps and p.step % cfg.save_every_steps == 0) or every_epochs(cfg.save_frequency):
+        _save(s, epoch_done=epoch_done)
 
 
 def _record_metrics(s: Session, out: StepOutcome, lr: float, waited: float, seconds: float) -> None:
@@ -199,10 +207,11 @@ def _record_metrics(s: Session, out: StepOutcome, lr: float, waited: float, seco
     if s.peak_flops and s.flops_per_sample:
         m.mfu.set(s.flops_per_sample * rate / (s.peak_flops * world))
     m.gpu_memory(s.info.device)
-    if s.tb_writer is not None:
-        for name, value in {"loss": out.loss, "lr": lr, "scale": out.logit_scale,
-                            "samples_per_second": rate, "data_time": waited}.items():
-            s.tb_writer.add_scalar(f"train/{name}", value, s.progress.step)
+    if s.reporters is not None and (s.progress.step % s.cfg.log_every_n_steps == 0 or s.progress.step == 1
+                                    or s.progress.step == s.total_steps):
+        s.reporters.scalars({"train/loss": out.loss, "train/lr": lr, "train/scale": out.logit_scale,
+                             "train/samples_per_second": rate, "train/data_time": waited,
+                             "train/batch_time": seconds}, s.progress.step)
 
 
 def _log_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds: float) -> None:
@@ -221,9 +230,8 @@ def _validate(s: Session) -> None:
     s.metrics.validation({k: v for k, v in s.last_val.items() if k != "num_samples"})
     log.info("Eval Step: %d %s", s.progress.step,
              " ".join(f"{k}: {v:.4f}" for k, v in s.last_val.items()))
-    if s.tb_writer is not None:
-        for name, value in s.last_val.items():
-            s.tb_writer.add_scalar(f"val/{name}", value, s.progress.step)
+    if s.reporters is not None:
+        s.reporters.scalars({f"val/{k}": v for k, v in s.last_val.items()}, s.progress.step)
 
 
 def _save(s: Session, epoch_done: bool) -> None:
@@ -241,6 +249,8 @@ def _save(s: Session, epoch_done: bool) -> None:
         s.cfg.checkpoint_dir, step=p.step, model=s.model, optimizer=s.optimizer, scaler=s.scaler,
         trainer_state=trainer_state, keep_last=s.cfg.keep_last)
     s.metrics.ckpt_seconds.set(seconds)
+    if s.reporters is not None:
+        s.reporters.sync()
     s.metrics.ckpt_step.set(p.step)
     s.metrics.ckpt_time.set_to_current_time()
 
@@ -264,5 +274,5 @@ def finish(s: Session, started: float) -> None:
         packages=("torch", "open_clip_torch", "webdataset"))
     s.metrics.stage.mark_success()
     s.metrics.stage.push(cfg.pushgateway)
-    if s.tb_writer is not None:
-        s.tb_writer.close()
+    if s.reporters is not None:
+        s.reporters.close()
