@@ -114,6 +114,7 @@ class TrainConfig(CommonConfig):
     csv_separator: str = _f("\t", "csv: the column separator (default: tab)")
     csv_img_key: str = _f("filepath", "csv: the column of image paths (any store; relative to the table)")
     csv_caption_key: str = _f("title", "csv: the column of captions")
+    val_num_samples: int | None = _f(None, "val samples, when the shards do not say (no manifest/sizes.json)")
     val_frequency: int = _f(0, "validate at the end of every N-th epoch (0: only at the end, or --val-every-steps)")
     # reporting and logs
     report_to: str = _f("", "tensorboard, wandb, or both comma-separated; TensorBoard events go to {run}/tensorboard/")

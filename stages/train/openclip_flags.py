@@ -63,7 +63,7 @@ DEFAULTS_DIFFER: dict[str, str] = {
     "train_data": "'' (required unless --dataset-type synthetic)",
     "cache_dir": "'': Hugging Face's cache", "dist_url": "'': env://", "dist_backend": "'': by device",
     "use_bnb_linear": "'': none", "distill_model": "'': none", "distill_pretrained": "'': none",
-    "resume": "'': none",
+    "resume": "'': none", "train_data_upsampling_factors": "'': none",
 }
 
 _REFUSED_KINDS = (REFUSED, EVALUATION)
@@ -217,14 +217,13 @@ def table_rows() -> list[tuple[str, str, str]]:
     known = open_clip_train_dests()
     rows = []
     for action in parser._actions:
-        long = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
-        if not long or action.dest == "help":
-            continue
+        if flag(action.dest) not in action.option_strings:
+            continue  # --help, --config, --check-config
         kind, what = REPLACED.get(action.dest, (SAME if action.dest in known else OURS, ""))
         what = what or (action.help or "").replace("|", "\\|")
         if kind == SAME and action.dest in DEFAULTS_DIFFER:
             what += f"; default here: {DEFAULTS_DIFFER[action.dest]}"
-        rows.append((long[0], kind, what))
+        rows.append((flag(action.dest), kind, what))
     return rows
 
 
