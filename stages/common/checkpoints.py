@@ -122,4 +122,17 @@ def _from_open_clip(path: str, ckpt: dict[str, Any]) -> dict[str, Any]:
         raise DataError(f"{path} is not a clipforge/open_clip checkpoint: no 'model' or 'state_dict'")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     return {"format": "open_clip_train", "model": state, "step": ckpt.get("step", 0),
-            "epoch": ckpt.get("epoch", 0), "model_name": ckpt.get("name", "")}
+            "epoch": ckpt.get("epoch", 0), "model_name": open_clip_train_model(path) or ckpt.get("name", "")}
+
+
+def open_clip_train_model(path: str) -> str:
+    """The --model of the open_clip_train run a checkpoint belongs to, from the params.txt it writes
+    beside checkpoints/ ({logs}/{name}/params.txt); '' when there is none."""
+    params = storage.join(path.rsplit("/", 2)[0], "params.txt") if path.count("/") >= 2 else ""
+    if not params or not storage.exists(params):
+        return ""
+    for line in storage.read_text(params).splitlines():
+        key, _, value = line.partition(": ")
+        if key == "model":
+            return value.strip()
+    return ""

@@ -63,12 +63,7 @@ def build_model(cfg: TrainConfig, device: torch.device, rank: int) -> ModelBundl
     if cfg.use_bnb_linear:
         model = _bnb_linear(model, cfg.use_bnb_linear, device)
     random_seed(cfg.seed, rank)
-    if cfg.lock_image:  # LiT, https://arxiv.org/abs/2111.07991
-        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
-                               freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
-    if cfg.lock_text:
-        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers,
-                              freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
+    lock_towers(model, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
     return ModelBundle(model=model, preprocess_train=preprocess_train, preprocess_val=preprocess_val,
@@ -76,6 +71,22 @@ def build_model(cfg: TrainConfig, device: torch.device, rank: int) -> ModelBundl
                                                          context_length=cfg.force_context_length),
                        model_name=_saved_name(name), model_cfg=_model_cfg(name, model, cfg),
                        preprocess_cfg=dict(open_clip.get_model_preprocess_cfg(model)))
+
+
+def lock_towers(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """LiT (https://arxiv.org/abs/2111.07991) and text locking, through the towers' own `lock`.
+
+    The towers are called directly because CoCa has no lock_*_tower methods (open_clip_train fails
+    on it). CLIP's built-in text tower can only lock LayerNorms with their layers, which is what it
+    gets (open_clip_train stops on an assertion there unless --lock-text-freeze-layer-norm is given).
+    """
+    if cfg.lock_image:
+        model.visual.lock(unlocked_groups=cfg.lock_image_unlocked_groups,
+                          freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+    if cfg.lock_text and hasattr(model, "text"):
+        model.text.lock(cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
+    elif cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=True)
 
 
 def model_options(cfg: TrainConfig) -> dict[str, Any]:

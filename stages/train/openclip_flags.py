@@ -217,7 +217,7 @@ def table_rows() -> list[tuple[str, str, str]]:
     known = open_clip_train_dests()
     rows = []
     for action in parser._actions:
-        if flag(action.dest) not in action.option_strings:
+        if action.dest == "help" or flag(action.dest) not in action.option_strings:
             continue  # --help, --config, --check-config
         kind, what = REPLACED.get(action.dest, (SAME if action.dest in known else OURS, ""))
         what = what or (action.help or "").replace("|", "\\|")
