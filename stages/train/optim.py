@@ -39,12 +39,14 @@ def _timm_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     from timm.optim import create_optimizer_v2
 
     kwargs = {}
+    if cfg.eps is not None:  # open_clip_train passes eps=None, which timm rejects; None means timm's default
+        kwargs["eps"] = cfg.eps
     if cfg.beta1 is not None:
         kwargs["betas"] = (cfg.beta1, cfg.beta2)
     if cfg.momentum is not None:
         kwargs["momentum"] = cfg.momentum
     return create_optimizer_v2(model, cfg.opt.lower().split("timm/", 1)[1], lr=cfg.lr, weight_decay=cfg.wd,
-                               eps=cfg.eps, **kwargs)
+                               **kwargs)
 
 
 def can_fuse(params: list[torch.Tensor]) -> bool:

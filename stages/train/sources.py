@@ -47,9 +47,11 @@ def get_val_data(cfg: Any, preprocess: Callable, tokenizer: Callable, *, rank: i
     val = (cfg.val_data or "").strip()
     if val.lower() in ("", "none"):
         return None
-    kind = dataset_type(cfg, val)
-    if kind == "synthetic" or (kind == "csv" and val.lower() == "auto"):
+    if val.lower() == "auto" and dataset_type(cfg) != "webdataset":
         return None  # 'auto' means the manifest's val split, which only shards have
+    kind = dataset_type(cfg, val)
+    if kind == "synthetic":
+        return None
     if kind == "webdataset":
         from stages.train import data
 

@@ -41,7 +41,7 @@ def test_resume_continues_an_open_clip_train_run(open_clip_run, tmp_path, cli_en
     theirs = load_checkpoint(str(open_clip_run / "checkpoints" / "epoch_1.pt"))
     rc, out = run(stage_cmd(*SYNTHETIC, "--epochs", "2", "--logs", str(open_clip_run.parent), "--name", "oc",
                             "--warmup", "2", "--resume", str(open_clip_run / "checkpoints" / "epoch_1.pt")),
-                  train_env(cli_env), tmp_path / "resume.log")
+                  train_env(cli_env), tmp_path / "resume.log", timeout=600)
     assert rc == 0, out
     assert "open_clip_train checkpoint of epoch 1: continuing at step 4" in out
     steps = step_lines(out)
@@ -62,7 +62,7 @@ def test_resume_continues_an_open_clip_train_run(open_clip_run, tmp_path, cli_en
 def test_fine_tune_from_an_open_clip_train_checkpoint(open_clip_run, tmp_path, cli_env):
     rc, out = run(stage_cmd(*SYNTHETIC, "--steps", "1", "--lr", "0", "--root", str(tmp_path / "runs"),
                             "--run-id", "ft", "--pretrained", str(open_clip_run / "checkpoints" / "epoch_1.pt")),
-                  train_env(cli_env), tmp_path / "ft.log")
+                  train_env(cli_env), tmp_path / "ft.log", timeout=600)
     assert rc == 0, out
     theirs = load_checkpoint(str(open_clip_run / "checkpoints" / "epoch_1.pt"))["state_dict"]
     ours = load_checkpoint(str(tmp_path / "runs/ft/checkpoints/step_1.pt"))["model"]

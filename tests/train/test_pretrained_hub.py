@@ -58,7 +58,7 @@ def test_hf_hub_repo_from_the_cache_offline(tmp_path, cli_env):
     # --lr 0: the one step changes nothing, so the checkpoint holds exactly the weights loaded
     rc, out = run(stage_cmd(*SYNTHETIC, "--pretrained", "hf-hub:clipforge-test/micro", "--model", "",
                             "--lr", "0", "--steps", "1", "--root", str(tmp_path / "runs"), "--run-id", "hub"),
-                  offline_env(cli_env, HF_HUB_CACHE=str(hub)), tmp_path / "hub.log")
+                  offline_env(cli_env, HF_HUB_CACHE=str(hub)), tmp_path / "hub.log", timeout=600)
     assert rc == 0, out
     ckpt = load_checkpoint(str(tmp_path / "runs/hub/checkpoints/step_1.pt"))
     expected = load_file(snapshot / "open_clip_model.safetensors")
@@ -73,7 +73,7 @@ def test_hf_hub_weights_into_a_named_model_with_cache_dir(tmp_path, cli_env):
     rc, out = run(stage_cmd(*SYNTHETIC, "--model", "clipforge-micro", "--pretrained", "hf-hub:clipforge-test/micro",
                             "--cache-dir", str(hub), "--lr", "0", "--steps", "1", "--lock-image",
                             "--root", str(tmp_path / "runs"), "--run-id", "named"),
-                  offline_env(cli_env), tmp_path / "named.log")
+                  offline_env(cli_env), tmp_path / "named.log", timeout=600)
     assert rc == 0, out
     ckpt = load_checkpoint(str(tmp_path / "runs/named/checkpoints/step_1.pt"))
     expected = load_file(snapshot / "open_clip_model.safetensors")
@@ -83,7 +83,7 @@ def test_hf_hub_weights_into_a_named_model_with_cache_dir(tmp_path, cli_env):
 def test_missing_from_the_offline_cache_fails_clearly(tmp_path, cli_env):
     rc, out = run(stage_cmd(*SYNTHETIC, "--pretrained", "hf-hub:clipforge-test/absent", "--model", "",
                             "--steps", "1", "--cache-dir", str(tmp_path / "empty"), "--root", str(tmp_path / "runs")),
-                  offline_env(cli_env), tmp_path / "absent.log")
+                  offline_env(cli_env), tmp_path / "absent.log", timeout=600)
     assert rc != 0
     assert "hf-hub:clipforge-test/absent" in out and "HF_HUB_OFFLINE" in out
     assert "Traceback" not in out

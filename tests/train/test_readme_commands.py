@@ -49,7 +49,7 @@ def test_csv_command(tmp_path, cli_env):
         "--csv-img-key", "filepath", "--csv-caption-key", "title", "--warmup", "2", "--batch-size=8",
         "--lr=1e-3", "--wd=0.1", "--epochs=2", "--workers=1", "--model", "clipforge-micro",
         "--logs", str(tmp_path / "logs"), "--name", "csv", "--precision", "fp32"),
-        train_env(cli_env), tmp_path / "csv.log")
+        train_env(cli_env), tmp_path / "csv.log", timeout=600)
     assert rc == 0, out
     ckpts = tmp_path / "logs/csv/checkpoints"
     assert {p.name for p in ckpts.glob("step_*.pt")} == {"step_4.pt", "step_8.pt"}  # one per epoch
@@ -66,7 +66,7 @@ def test_torchrun_webdataset_local_loss_resampled(tmp_path, cli_env):
         "webdataset", "--dataset-resampled", "--batch-size", "8", "--precision", "fp32", "--workers", "1",
         "--local-loss", "--gather-with-grad", "--model", "clipforge-micro", "--warmup", "2", "--epochs", "1",
         "--val-data", "none", "--log-every-n-steps", "1", "--logs", str(tmp_path / "logs"), "--name", "wds"),
-        train_env(cli_env), tmp_path / "wds.log")
+        train_env(cli_env), tmp_path / "wds.log", timeout=600)
     assert rc == 0, out
     assert [s for s, _, _ in step_lines(out)] == [1, 2, 3, 4]  # 64 samples / (8 x 2 ranks)
 
@@ -77,11 +77,11 @@ def test_accum_freq_then_resume_latest(tmp_path, cli_env):
     common = ["--train-data", str(data), "--batch-size", "8", "--accum-freq", "2", "--model", "clipforge-micro",
               "--warmup", "2", "--workers", "1", "--val-data", "none", "--log-every-n-steps", "1",
               "--precision", "fp32", "--logs", str(tmp_path / "logs"), "--name", "acc"]
-    rc, out = run(clipforge(*common, "--epochs", "1"), train_env(cli_env), tmp_path / "first.log")
+    rc, out = run(clipforge(*common, "--epochs", "1"), train_env(cli_env), tmp_path / "first.log", timeout=600)
     assert rc == 0, out
     assert latest(tmp_path / "logs/acc/checkpoints")["step"] == 4  # 64 / (8 x 2) steps per epoch
     rc, out = run(clipforge(*common, "--epochs", "2", "--resume", "latest"), train_env(cli_env),
-                  tmp_path / "second.log")
+                  tmp_path / "second.log", timeout=600)
     assert rc == 0, out
     assert [s for s, _, _ in step_lines(out)] == [5, 6, 7, 8]
 
@@ -95,7 +95,7 @@ def test_lit_coca_csv_and_wandb(tmp_path, cli_env):
         "--wd", "0.1", "--epochs", "1", "--workers", "1", "--model", "coca_clipforge-micro", "--report-to", "wandb",
         "--coca-contrastive-loss-weight", "0", "--coca-caption-loss-weight", "1", "--log-every-n-steps", "1",
         "--precision", "fp32", "--logs", str(tmp_path / "logs"), "--name", "coca", "--val-data", "none"),
-        env, tmp_path / "coca.log")
+        env, tmp_path / "coca.log", timeout=600)
     assert rc == 0, out
     assert len(step_lines(out)) == 2 and list((tmp_path / "wb" / "wandb").glob("offline-run-*-coca"))
     source = latest(tmp_path / "logs/coca/checkpoints")["uri"]
@@ -104,5 +104,5 @@ def test_lit_coca_csv_and_wandb(tmp_path, cli_env):
         "--model", "coca_clipforge-micro", "--pretrained", source, "--lock-image",
         "--lock-image-unlocked-groups", "1", "--lock-text", "--lock-text-unlocked-layers", "1",
         "--precision", "fp32", "--warmup", "1", "--workers", "1", "--val-data", "none",
-        "--logs", str(tmp_path / "logs"), "--name", "lit"), train_env(cli_env), tmp_path / "lit.log")
+        "--logs", str(tmp_path / "logs"), "--name", "lit"), train_env(cli_env), tmp_path / "lit.log", timeout=600)
     assert rc == 0, out

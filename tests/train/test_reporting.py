@@ -20,7 +20,8 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
 def test_wandb_offline_and_tensorboard_in_the_run_folder(tmp_path, cli_env):
     env = train_env(cli_env, WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wb"), WANDB_SILENT="true")
     rc, out = run(stage_cmd(*SYNTHETIC, "--report-to", "wandb,tensorboard", "--wandb-project-name", "cf-test",
-                            "--root", str(tmp_path / "runs"), "--run-id", "rep"), env, tmp_path / "rep.log")
+                            "--root", str(tmp_path / "runs"), "--run-id", "rep"), env, tmp_path / "rep.log",
+                  timeout=600)
     assert rc == 0, out
     scalars = tensorboard_scalars(tmp_path / "runs/rep/tensorboard")
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]
@@ -36,7 +37,7 @@ def test_tensorboard_events_are_uploaded_to_an_s3_run(tmp_path, cli_env, s3):
     import fsspec
 
     rc, out = run(stage_cmd(*SYNTHETIC, "--report-to", "tensorboard", "--root", f"{s3}/runs", "--run-id", "tb"),
-                  train_env(cli_env), tmp_path / "tb.log")
+                  train_env(cli_env), tmp_path / "tb.log", timeout=600)
     assert rc == 0, out
     fs = fsspec.filesystem("s3")
     fs.invalidate_cache()
