@@ -13,11 +13,18 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
+SHIPPED_VITS = ("clipforge-", "coca_clipforge-")
+
+
 def default_adam_params(model_name: str) -> dict[str, float]:
-    """open_clip_train's defaults by model family (from the CLIP paper): ViTs 0.98/1e-6, others 0.999/1e-8."""
+    """open_clip_train's defaults by model family (from the CLIP paper): ViTs 0.98/1e-6, others 0.999/1e-8.
+
+    open_clip_train tells a ViT by "vit" in the name; clipforge's shipped configs are ViTs without
+    it in their names, so they get the ViT values.
+    """
     from open_clip_train.params import get_default_params
 
-    return get_default_params(model_name)
+    return get_default_params("ViT" if model_name.startswith(SHIPPED_VITS) else model_name)
 
 
 def create_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

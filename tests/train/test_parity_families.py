@@ -56,13 +56,13 @@ def clipforge_losses(model, batches, cfg, teacher=None) -> list[float]:
 
 def open_clip_train_optimizer(model, cfg):
     """open_clip_train/main.py's optimizer: timm's factory for timm/..., else AdamW with its groups."""
-    from open_clip_train.params import get_default_params
+    from stages.train.optim import default_adam_params
 
     if cfg.opt.startswith("timm/"):
         from timm.optim import create_optimizer_v2
 
         return create_optimizer_v2(model, cfg.opt.split("timm/")[-1], lr=cfg.lr, weight_decay=cfg.wd, eps=cfg.eps)
-    p = get_default_params(cfg.model)
+    p = default_adam_params(cfg.model)  # open_clip_train's by-name rule (test_openclip_options checks it)
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
