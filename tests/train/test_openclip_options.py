@@ -13,7 +13,7 @@ from stages.train.config import TrainConfig
 
 
 def cfg(**kw) -> TrainConfig:
-    return TrainConfig(train_data="unused", **{"model": "clipforge-micro", **kw})
+    return TrainConfig(**{"train_data": "unused", "model": "clipforge-micro", **kw})
 
 
 def build(**kw):
