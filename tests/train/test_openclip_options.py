@@ -113,9 +113,8 @@ def test_csv_image_that_cannot_be_read_is_named(tmp_path):
     import open_clip
 
     from stages.common.errors import DataError
-    from stages.train.csvdata import CsvDataset
-
     from stages.common.models import register_builtin_configs
+    from stages.train.csvdata import CsvDataset
 
     register_builtin_configs()
     (tmp_path / "t.csv").write_text("filepath\ttitle\nmissing.png\ta caption\n")
