@@ -122,3 +122,23 @@ def test_csv_image_that_cannot_be_read_is_named(tmp_path):
     ds = CsvDataset(str(tmp_path / "t.csv"), preprocess, open_clip.get_tokenizer("clipforge-micro"), cfg())
     with pytest.raises(DataError, match="missing.png .row 0.: cannot read the image"):
         ds[0]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "pure_bf16", "amp_bfloat16"])
+def test_bf16_precisions_train_on_cpu(precision):
+    """open_clip_train's bf16 modes: weights cast (bf16/pure_bf16) or autocast (amp_bfloat16), finite losses."""
+    from stages.train.distributed import DistInfo
+    from stages.train.loop import TrainStep
+    from stages.train.loss import create_loss
+    from stages.train.optim import create_optimizer
+
+    c = cfg(precision=precision, batch_size=4)
+    bundle = build(precision=precision, batch_size=4)
+    weight_dtype = bundle.model.visual.conv1.weight.dtype
+    assert weight_dtype == (torch.float32 if precision == "amp_bfloat16" else torch.bfloat16)
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    step = TrainStep(bundle.model, create_loss(c, info), create_optimizer(bundle.model, c), None,
+                     precision=precision, grad_clip_norm=1.0, info=info)
+    batch = (torch.randn(4, 3, 32, 32), bundle.tokenizer(["a", "b", "c", "d"]))
+    outcomes = [step([batch], s) for s in range(2)]
+    assert all(o.finite for o in outcomes)
