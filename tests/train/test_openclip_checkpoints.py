@@ -76,7 +76,7 @@ def test_evaluate_and_export_read_an_open_clip_train_checkpoint(open_clip_run, t
     path = str(open_clip_run / "checkpoints" / "epoch_1.pt")
     theirs = load_checkpoint(path)["state_dict"]
     loaded = load_model(path, torch.device("cpu"))
-    assert loaded.model_name == "clipforge-micro"
+    assert loaded.name == "clipforge-micro"
     assert all(torch.equal(loaded.model.state_dict()[k], theirs[k]) for k in theirs)
     out = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "stages.export", "--checkpoint", path, "--output", str(out),
