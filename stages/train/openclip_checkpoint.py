@@ -29,10 +29,10 @@ def load_for_resume(uri: str) -> dict[str, Any]:
     """A checkpoint for resume: clipforge's (through stages.train.checkpoint) or open_clip_train's."""
     if not _EPOCH_FILE.search(uri.rstrip("/")):
         return checkpoint.load_for_resume(uri)
+    if not storage.exists(uri):
+        raise DataError(f"--resume {uri}: no such checkpoint")
     try:
         raw = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise DataError(f"--resume {uri}: no such checkpoint") from exc
     except Exception as exc:
         raise DataError(f"--resume {uri}: not a loadable checkpoint: {exc}") from exc
     if not isinstance(raw, dict) or "state_dict" not in raw or "epoch" not in raw or "optimizer" not in raw:

@@ -85,3 +85,17 @@ def test_evaluate_and_export_read_an_open_clip_train_checkpoint(open_clip_run, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((out / "open_clip_config.json").read_text())
     assert config["model_cfg"]["embed_dim"] == 32
+
+
+def test_a_corrupt_or_weights_only_epoch_file_is_refused_for_resume(tmp_path):
+    from stages.common.errors import DataError
+    from stages.train.openclip_checkpoint import load_for_resume
+
+    (tmp_path / "epoch_3.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="epoch_3.pt: not a loadable checkpoint"):
+        load_for_resume(str(tmp_path / "epoch_3.pt"))
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "epoch": 3}, tmp_path / "epoch_4.pt")
+    with pytest.raises(DataError, match="needs epoch, state_dict and optimizer.*use --pretrained"):
+        load_for_resume(str(tmp_path / "epoch_4.pt"))
+    with pytest.raises(DataError, match="no such checkpoint"):
+        load_for_resume(str(tmp_path / "epoch_9.pt"))

@@ -33,7 +33,7 @@ def test_wandb_offline_and_tensorboard_in_the_run_folder(tmp_path, cli_env):
         assert text in data, text
 
 
-def test_tensorboard_events_are_uploaded_to_an_s3_run(s3, tmp_path, cli_env):  # s3 first: cli_env copies its AWS_* env
+def test_tensorboard_events_are_uploaded_to_an_s3_run(s3, tmp_path, cli_env):  # s3 before cli_env
     import fsspec
 
     rc, out = run(stage_cmd(*SYNTHETIC, "--report-to", "tensorboard", "--root", f"{s3}/runs", "--run-id", "tb"),
