@@ -77,16 +77,23 @@ def lock_towers(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """LiT (https://arxiv.org/abs/2111.07991) and text locking, through the towers' own `lock`.
 
     The towers are called directly because CoCa has no lock_*_tower methods (open_clip_train fails
-    on it). CLIP's built-in text tower can only lock LayerNorms with their layers, which is what it
-    gets (open_clip_train stops on an assertion there unless --lock-text-freeze-layer-norm is given).
+    on it). open_clip's own text transformer can only lock LayerNorms with their layers, which is
+    what it gets (open_clip_train stops on an assertion there unless --lock-text-freeze-layer-norm
+    is given); Hugging Face text towers take the flag as it is.
     """
+    from open_clip.transformer import TextTransformer
+
     if cfg.lock_image:
         model.visual.lock(unlocked_groups=cfg.lock_image_unlocked_groups,
                           freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
-    if cfg.lock_text and hasattr(model, "text"):
-        model.text.lock(cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
-    elif cfg.lock_text:
+    if not cfg.lock_text:
+        return
+    text = getattr(model, "text", None)
+    if text is None:
         model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=True)
+    else:
+        text.lock(cfg.lock_text_unlocked_layers,
+                  True if isinstance(text, TextTransformer) else cfg.lock_text_freeze_layer_norm)
 
 
 def model_options(cfg: TrainConfig) -> dict[str, Any]:
