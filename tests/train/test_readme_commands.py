@@ -65,6 +65,7 @@ def test_torchrun_webdataset_local_loss_resampled(tmp_path, cli_env):
         "--train-data", f"{data}/{{00000..00003}}.tar", "--train-num-samples", "64", "--dataset-type",
         "webdataset", "--dataset-resampled", "--batch-size", "8", "--precision", "fp32", "--workers", "1",
         "--local-loss", "--gather-with-grad", "--model", "clipforge-micro", "--warmup", "2", "--epochs", "1",
+        "--dist-backend", "gloo", "--dist-url", "env://", "--use-bn-sync", "--log-local",
         # under torchrun, --root: torchrun's own parser takes --logs for an abbreviation of its --logs-specs
         "--val-data", "none", "--log-every-n-steps", "1", "--root", str(tmp_path / "logs"), "--run-id", "wds"),
         train_env(cli_env), tmp_path / "wds.log", timeout=600)
