@@ -107,6 +107,7 @@ def test_siglip(batches):
     compare(initial, batches, config(MICRO, 1, siglip=True))
 
 
+@pytest.mark.slow  # CoCa's caption head spans the whole vocabulary: minutes on 2 cores
 @pytest.mark.parametrize("accum", [1, 2])
 def test_coca_with_its_loss_weights(batches, accum):
     compare(make(COCA), batches, config(COCA, accum, coca_caption_loss_weight=1.0,
