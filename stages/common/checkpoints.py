@@ -90,10 +90,26 @@ def from_file_dict(uri: str, raw: dict[str, Any]) -> Checkpoint:
     if fmt == FORMAT_V1:
         return _from_v1(uri, raw)
     if isinstance(raw.get("state_dict"), dict):  # open_clip_train, maybe DDP-prefixed
-        state = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
-        return Checkpoint(uri, "open_clip_train", int(raw.get("step", 0)), int(raw.get("epoch", 0)), 0,
-                          state, raw.get("name", "") or "")
+        return _from_open_clip_train(uri, raw)
     raise DataError(f"{uri} is not a clipforge/open_clip checkpoint: no 'model' or 'state_dict'")
+
+
+def _from_open_clip_train(uri: str, raw: dict[str, Any]) -> Checkpoint:
+    """open_clip_train's {epoch, name, state_dict, optimizer[, scaler]}, written at an epoch's end.
+
+    Its `name` is the experiment's; the model's name is in the params.txt it writes beside
+    checkpoints/. It has no loader position or RNG state: a resume starts epoch `epoch` afresh
+    (the step it continues at follows from the steps per epoch, which only the trainer knows).
+    """
+    state = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
+    epoch = int(raw.get("epoch", 0))
+    trainer = None
+    if raw.get("optimizer") is not None:
+        trainer = {"optimizer": raw["optimizer"], "scaler": raw.get("scaler"),
+                   "progress": {"step": 0, "epoch": epoch, "samples_seen": 0, "epoch_samples": 0},
+                   "data": {"world_size": 0, "ranks": []}, "rng": {"world_size": 0, "ranks": []}}
+    return Checkpoint(uri, "open_clip_train", int(raw.get("step", 0)), epoch, 0, state,
+                      open_clip_train_model(uri), trainer=trainer)
 
 
 def _from_v1(uri: str, raw: dict[str, Any]) -> Checkpoint:
@@ -317,3 +333,16 @@ def prune(ckpt_dir: str, keep_last: int) -> tuple[list[str], list[str]]:
         except StorageError as exc:
             failures.append(str(exc))
     return deleted, failures
+
+
+def open_clip_train_model(path: str) -> str:
+    """The --model of the open_clip_train run a checkpoint belongs to, from the params.txt it writes
+    beside checkpoints/ ({logs}/{name}/params.txt); '' when there is none."""
+    params = storage.join(path.rsplit("/", 2)[0], "params.txt") if path.count("/") >= 2 else ""
+    if not params or not storage.exists(params):
+        return ""
+    for line in storage.read_text(params).splitlines():
+        key, _, value = line.partition(": ")
+        if key == "model":
+            return value.strip()
+    return ""

@@ -83,8 +83,8 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, tp: An
     if default not in (None, "", [], ()):
         kwargs["help"] += f" (default: {default})"
     tp = _unwrap_optional(tp)
-    if tp is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
+    if tp is bool:  # a negative name (no_set_device_rank) gets no --no-no-... twin, whose sense would flip
+        kwargs["action"] = "store_true" if field.name.startswith("no_") else argparse.BooleanOptionalAction
     elif typing.get_origin(tp) in (list, tuple):
         (item,) = typing.get_args(tp)[:1]
         kwargs.update(type=item, nargs=meta.get("nargs", "+"))

@@ -54,15 +54,16 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    """'auto' or '' (a GPU when there is one), 'cpu', 'cuda' (this rank's GPU) or 'cuda:N'."""
+def pick_device(requested: str, local_rank: int, same_device: bool = False) -> torch.device:
+    """'auto' or '' (a GPU when there is one), 'cpu', 'cuda' (this rank's GPU, or GPU 0 with
+    `same_device`: open_clip_train's --no-set-device-rank) or 'cuda:N'."""
     if requested.startswith("cuda") or (requested in ("auto", "") and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {requested}: no CUDA device is visible to this process")
         if ":" in requested:
             torch.cuda.set_device(torch.device(requested))
         else:
-            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(0 if same_device else local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     if requested not in ("auto", "", "cpu"):
         raise ConfigError(f"--device {requested}: use auto, cpu, cuda or cuda:N")
@@ -86,23 +87,26 @@ def _store_prefix() -> str:
     return f"clipforge/attempt_{restarts}"
 
 
-def init_distributed(requested_device: str = "auto",
-                     timeout: datetime.timedelta | None = None) -> DistInfo:
-    """Join the process group when launched with WORLD_SIZE > 1: NCCL on GPUs, gloo on CPU."""
+def init_distributed(requested_device: str = "auto", timeout: datetime.timedelta | None = None,
+                     backend: str = "", url: str = "", same_device: bool = False) -> DistInfo:
+    """Join the process group when launched with WORLD_SIZE > 1: NCCL on GPUs, gloo on CPU.
+
+    `backend`/`url` are open_clip_train's --dist-backend/--dist-url; `same_device` its --no-set-device-rank.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(requested_device, local_rank)
+    device = pick_device(requested_device, local_rank, same_device)
     if world_size <= 1:
         return DistInfo(rank=0, local_rank=local_rank, world_size=1, device=device)
     timeout = timeout or collective_timeout()
     global _job_store
-    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    store, _, _ = next(dist.rendezvous(url or "env://", rank, world_size, timeout=timeout))
     _job_store = store
     if prefix := _store_prefix():
         store = dist.PrefixStore(prefix, store)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store,
+        dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"), store=store,
                                 rank=rank, world_size=world_size, timeout=timeout)
     own_prefix = f"{prefix}/clipforge" if prefix else "clipforge"
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device,

@@ -48,6 +48,8 @@ def resolve_model(model: str, model_config_uri: str = "") -> str:
                               f"({model_config_uri}); give one or make them agree")
         return name
     model = model or DEFAULT_MODEL
+    if model.startswith(("hf-hub:", "local-dir:")):  # open_clip reads the config from the repo/folder
+        return model
     if model not in open_clip.list_models():
         raise ConfigError(f"--model {model!r} is not a known open_clip model; see "
                           "open_clip.list_models(), or pass --model-config URI for a custom JSON")

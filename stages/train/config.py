@@ -9,6 +9,8 @@ import os
 from stages.common.config import CommonConfig
 from stages.common.errors import ConfigError
 
+PRECISIONS = ["amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32"]
+
 
 def _f(default, help: str, **meta):
     if isinstance(default, list):
@@ -49,16 +51,16 @@ class TrainConfig(CommonConfig):
     steps: int | None = _f(None, "total optimizer steps; overrides --epochs")
     lr: float = _f(5e-4, "peak learning rate")
     wd: float = _f(0.2, "weight decay (not on gains, biases, logit scale, embeddings)")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.98, "AdamW beta2")
-    eps: float = _f(1e-6, "AdamW epsilon")
+    beta1: float | None = _f(None, "Adam beta1 (default: 0.9)")
+    beta2: float | None = _f(None, "Adam beta2 (default: 0.98 for ViT models, 0.999 for others, as open_clip_train)")
+    eps: float | None = _f(None, "Adam epsilon (default: 1e-6 for ViT models, 1e-8 for others, as open_clip_train)")
     warmup: int = _f(10000, "warmup steps")
     lr_scheduler: str = _f("cosine", "LR schedule", choices=["cosine", "const", "const-cooldown"])
     epochs_cooldown: float | None = _f(None, "const-cooldown: epochs of cooldown at the end")
     lr_cooldown_end: float = _f(0.0, "const-cooldown: LR at the end of the cooldown")
     lr_cooldown_power: float = _f(1.0, "const-cooldown: power of the polynomial decay")
     accum_freq: int = _f(1, "gradient accumulation: micro-batches per optimizer step")
-    precision: str = _f("fp32", "numeric precision", choices=["amp", "amp_bf16", "bf16", "fp32"])
+    precision: str = _f("fp32", "numeric precision (open_clip_train's modes)", choices=PRECISIONS)
     grad_clip_norm: float | None = _f(None, "clip the gradient norm to this")
     # loss
     local_loss: bool = _f(False, "compute the loss against the local batch only (with gathered negatives)")
@@ -90,7 +92,75 @@ class TrainConfig(CommonConfig):
     zeroshot_every_steps: int = _f(0, "also zero-shot every N optimizer steps (0: off)")
     zeroshot_batch_size: int = _f(64, "images per zero-shot batch")
 
+    # ---- more of open_clip_train's flags, same meaning (stages/train/openclip_flags.py lists them all)
+    # model and weights
+    cache_dir: str = _f("", "cache folder for released weights and tokenizers (default: Hugging Face's)")
+    pretrained_image: bool = _f(False, "ImageNet weights for the image tower's backbone where open_clip has them")
+    lock_image_unlocked_groups: int = _f(0, "with --lock-image: leave the last N layer groups of the image tower trainable")
+    lock_image_freeze_bn_stats: bool = _f(False, "with --lock-image: freeze BatchNorm statistics of the locked layers")
+    lock_text_unlocked_layers: int = _f(0, "with --lock-text: leave the last N layers of the text tower trainable")
+    lock_text_freeze_layer_norm: bool = _f(False, "with --lock-text: freeze the LayerNorms of the locked layers")
+    image_mean: list[float] | None = _f(None, "override the image mean")
+    image_std: list[float] | None = _f(None, "override the image std")
+    image_interpolation: str | None = _f(None, "override the resize interpolation",
+                                         choices=["bicubic", "bilinear", "random"])
+    image_resize_mode: str | None = _f(None, "override the resize (and crop) mode of evaluation transforms",
+                                       choices=["shortest", "longest", "squash"])
+    aug_cfg: list[str] = _f([], "training augmentation, KEY=VALUE pairs (open_clip's AugmentationCfg)", nargs="*")
+    force_image_size: list[int] | None = _f(None, "override the model's image size (one value, or H W)")
+    force_quick_gelu: bool = _f(False, "use QuickGELU (as OpenAI's models do)")
+    force_custom_text: bool = _f(False, "build a CustomTextCLIP (separate text tower)")
+    force_context_length: int | None = _f(None, "override the text context length")
+    use_bnb_linear: str = _f("", "replace linear layers with this bitsandbytes triton module (needs bitsandbytes)")
+    # losses
+    coca_caption_loss_weight: float = _f(2.0, "CoCa: weight of the caption loss")
+    coca_contrastive_loss_weight: float = _f(1.0, "CoCa: weight of the contrastive loss")
+    distill_model: str = _f("", "distill from this open_clip model (with --distill-pretrained)")
+    distill_pretrained: str = _f("", "weights of the --distill-model: a tag, hf-hub:ID or a URI")
+    loss_dist_impl: str | None = _f(None, "SigLIP's distributed exchange (default: bidir)",
+                                    choices=["bidir", "shift", "reduce", "gather"])
+    # optimizer and schedule
+    opt: str = _f("adamw", "optimizer: adamw, or any timm optimizer as timm/NAME (e.g. timm/lamb)")
+    momentum: float | None = _f(None, "momentum (timm optimizers that take one)")
+    skip_scheduler: bool = _f(False, "keep the LR at --lr: no warmup, no decay")
+    use_bn_sync: bool = _f(False, "SyncBatchNorm across ranks")
+    # data
+    dataset_type: str = _f("auto", "webdataset, csv (a table of image paths and captions), synthetic "
+                                   "(random images, for smoke tests), auto (csv for .csv/.tsv, else webdataset)",
+                           choices=["webdataset", "csv", "synthetic", "auto"])
+    csv_separator: str = _f("\t", "csv: the column separator (default: tab)")
+    csv_img_key: str = _f("filepath", "csv: the column of image paths (any store; relative to the table)")
+    csv_caption_key: str = _f("title", "csv: the column of captions")
+    val_frequency: int = _f(0, "validate at the end of every N-th epoch (0: only at the end, or --val-every-steps)")
+    # reporting and logs
+    report_to: str = _f("", "tensorboard, wandb, or both comma-separated; TensorBoard events go to {run}/tensorboard/")
+    wandb_project_name: str = _f("open-clip", "wandb project")
+    wandb_notes: str = _f("", "wandb run notes")
+    debug: bool = _f(False, "log at DEBUG level (same as --log-level DEBUG)")
+    log_local: bool = _f(False, "every node's local rank 0 logs progress, not only global rank 0")
+    # distributed
+    dist_url: str = _f("", "process group init method (default env://, as torchrun sets up)")
+    dist_backend: str = _f("", "process group backend (default: nccl on GPUs, gloo on CPU)")
+    no_set_device_rank: bool = _f(False, "use device index 0 on every rank (one visible GPU per process)")
+    # open_clip_train flags whose concept clipforge replaces: translated, or refused naming ours
+    logs: str | None = _f(None, "open_clip_train's log root: the same as --root ({logs}/{name}/checkpoints)")
+    name: str | None = _f(None, "open_clip_train's experiment name: the same as --run-id")
+    save_frequency: int | None = _f(None, "also checkpoint at the end of every N-th epoch (step checkpoints: "
+                                          "--save-every-steps)")
+    save_most_recent: bool = _f(False, "always on: LATEST names the newest checkpoint")
+    delete_previous_checkpoint: bool = _f(False, "the same as --keep-last 1")
+    remote_sync: str | None = _f(None, "refused: write to the store directly with --root s3://...")
+    remote_sync_frequency: int | None = _f(None, "refused: see --remote-sync")
+    remote_sync_protocol: str | None = _f(None, "refused: see --remote-sync", choices=["s3", "fsspec"])
+    horovod: bool = _f(False, "refused: clipforge runs under torchrun / PyTorchJob")
+    copy_codebase: bool = _f(False, "refused: the container image is the code (run.json records versions)")
+    torchscript: bool = _f(False, "refused: use --torchcompile")
+    trace: bool = _f(False, "refused: a traced model cannot be trained (open_clip_train refuses it too)")
+
     def __post_init__(self) -> None:
+        from stages.train.openclip_flags import translate
+
+        translate(self)  # --name is open_clip_train's --run-id
         # without --run-id every rank would pick its own; stages.common.distributed makes them agree
         self.run_id_given = bool(self.run_id)
 
@@ -104,10 +174,10 @@ class TrainConfig(CommonConfig):
 
     def validate(self) -> None:
         """Catch bad options before any data or model is touched; reads nothing, changes nothing."""
+        from stages.train.openclip_flags import check_combinations
+
         self._check_numbers()
-        if not self.train_data:
-            raise ConfigError("--train-data is required: a run folder, data/ folder, manifest.json "
-                              "or brace pattern of webdataset shards")
+        check_combinations(self)
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
             raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -124,10 +194,14 @@ class TrainConfig(CommonConfig):
         one optimizer step fits in an epoch, and the first samples have an image and a caption."""
         from stages.common.models import resolve_model
 
-        self.model = resolve_model(self.model, self.model_config)
-        self._check_data(world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        self.model = resolve_model(self.model or _hub_model(self.pretrained), self.model_config)
+        from stages.train.pretrained import check_pretrained
+        from stages.train.sources import check_sources
         from stages.train.zeroshot import open_sets
 
+        check_pretrained(self)
+        if check_sources(self):
+            self._check_data(world_size or int(os.environ.get("WORLD_SIZE", "1")))
         open_sets(self)
 
     def _check_numbers(self) -> None:
@@ -169,3 +243,8 @@ class TrainConfig(CommonConfig):
         if not sources:
             raise ConfigError(f"--train-data {self.train_data}: no shards")
         probe_train_data(self)
+
+
+def _hub_model(pretrained: str) -> str:
+    """`--pretrained hf-hub:ORG/REPO` without --model: the Hub repo names the architecture too."""
+    return pretrained if pretrained.startswith("hf-hub:") else ""

@@ -37,7 +37,7 @@ class NonFiniteLossError(ClipforgeError):
 
 
 def get_autocast(precision: str, device: torch.device):
-    dtypes = {"amp": torch.float16, "amp_bf16": torch.bfloat16}
+    dtypes = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16}
     if precision not in dtypes:
         return nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=dtypes[precision])
@@ -79,9 +79,10 @@ class TrainStep:
     """One optimizer step over `accum_freq` micro-batches."""
 
     def __init__(self, model, loss_fn, optimizer, scaler, *, precision: str, grad_clip_norm: float | None,
-                 info: DistInfo, mark: Callable[[str], None] = lambda phase: None):
+                 info: DistInfo, mark: Callable[[str], None] = lambda phase: None, teacher=None):
         self.model, self.loss_fn, self.optimizer, self.scaler = model, loss_fn, optimizer, scaler
         self.mark = mark  # tells the watchdog which phase the step is in
+        self.teacher = teacher  # --distill-model: its outputs go to the loss as dist_*
         self.info = info
         self.autocast = get_autocast(precision, info.device)
         self.input_dtype = get_input_dtype(precision)
@@ -119,6 +120,9 @@ class TrainStep:
     def _plain(self, images, texts, poison: float) -> torch.Tensor:
         with self.autocast():
             out = self.model(images, texts)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    out.update({f"dist_{k}": v for k, v in self.teacher(images, texts).items()})
             total = sum(self.loss_fn(**out, output_dict=True).values()) + poison
         self._backward(total)
         return total.detach()

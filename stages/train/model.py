@@ -16,7 +16,9 @@ import torch
 from stages.common import checkpoints, storage
 from stages.common.errors import DataError
 from stages.common.models import model_config
+from stages.train import pretrained
 from stages.train.config import TrainConfig
+from stages.train.openclip_flags import aug_cfg_dict
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +47,111 @@ def build_model(cfg: TrainConfig, device: torch.device, rank: int) -> ModelBundl
     kwargs: dict[str, Any] = {}
     if cfg.siglip:  # SigLIP's initial temperature and bias, as open_clip_train sets them
         kwargs.update(init_logit_scale=np.log(10), init_logit_bias=-10)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        cfg.model, precision=cfg.precision, device=device, output_dict=True,
-        force_patch_dropout=cfg.force_patch_dropout, **kwargs)
-    if cfg.pretrained:
+    name, tag = pretrained.open_clip_args(cfg.model, cfg.pretrained)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, tag, precision=cfg.precision, device=device, output_dict=True,
+            **model_options(cfg), **kwargs)
+    except RuntimeError as exc:
+        if not tag and not name.startswith(pretrained.HF_HUB):
+            raise
+        raise DataError(f"--pretrained {cfg.pretrained}: {exc}{pretrained.offline_hint()}") from exc
+    if pretrained.kind(cfg.pretrained) == "hub" and name != cfg.pretrained:
+        open_clip.load_checkpoint(model, pretrained.hub_weights(cfg.pretrained, cfg.cache_dir or None))
+    elif pretrained.kind(cfg.pretrained) == "uri":
         load_pretrained(model, cfg.pretrained)
+    if cfg.use_bnb_linear:
+        model = _bnb_linear(model, cfg.use_bnb_linear, device)
     random_seed(cfg.seed, rank)
-    if cfg.lock_image:
-        model.lock_image_tower()
-    if cfg.lock_text:
-        model.lock_text_tower()
+    lock_towers(model, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
     return ModelBundle(model=model, preprocess_train=preprocess_train, preprocess_val=preprocess_val,
-                       tokenizer=open_clip.get_tokenizer(cfg.model), model_name=cfg.model,
-                       model_cfg=model_config(cfg.model),
+                       tokenizer=open_clip.get_tokenizer(name, cache_dir=cfg.cache_dir or None,
+                                                         context_length=cfg.force_context_length),
+                       model_name=_saved_name(name), model_cfg=_model_cfg(name, model, cfg),
                        preprocess_cfg=dict(open_clip.get_model_preprocess_cfg(model)))
+
+
+def lock_towers(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """LiT (https://arxiv.org/abs/2111.07991) and text locking, through the towers' own `lock`.
+
+    The towers are called directly because CoCa has no lock_*_tower methods (open_clip_train fails
+    on it). open_clip's own text transformer can only lock LayerNorms with their layers, which is
+    what it gets (open_clip_train stops on an assertion there unless --lock-text-freeze-layer-norm
+    is given); Hugging Face text towers take the flag as it is.
+    """
+    from open_clip.transformer import TextTransformer
+
+    if cfg.lock_image:
+        model.visual.lock(unlocked_groups=cfg.lock_image_unlocked_groups,
+                          freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+    if not cfg.lock_text:
+        return
+    text = getattr(model, "text", None)
+    if text is None:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=True)
+    else:
+        text.lock(cfg.lock_text_unlocked_layers,
+                  True if isinstance(text, TextTransformer) else cfg.lock_text_freeze_layer_norm)
+
+
+def model_options(cfg: TrainConfig) -> dict[str, Any]:
+    """open_clip_train's model and transform overrides, as create_model_and_transforms takes them."""
+    size = cfg.force_image_size
+    return dict(force_quick_gelu=cfg.force_quick_gelu, force_custom_text=cfg.force_custom_text,
+                force_patch_dropout=cfg.force_patch_dropout,
+                force_image_size=size[0] if size and len(size) == 1 else (tuple(size) if size else None),
+                force_context_length=cfg.force_context_length, image_mean=cfg.image_mean,
+                image_std=cfg.image_std, image_interpolation=cfg.image_interpolation,
+                image_resize_mode=cfg.image_resize_mode, aug_cfg=aug_cfg_dict(cfg.aug_cfg),
+                pretrained_image=cfg.pretrained_image, cache_dir=cfg.cache_dir or None)
+
+
+def build_distill_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module | None:
+    """The frozen teacher of --distill-model/--distill-pretrained (open_clip_train's distillation)."""
+    if not cfg.distill_model:
+        return None
+    name, tag = pretrained.open_clip_args(cfg.distill_model, cfg.distill_pretrained)
+    teacher = open_clip.create_model(name, tag, precision=cfg.precision, device=device, output_dict=True,
+                                     cache_dir=cfg.cache_dir or None)
+    if pretrained.kind(cfg.distill_pretrained) == "uri":
+        load_pretrained(teacher, cfg.distill_pretrained)
+    elif pretrained.kind(cfg.distill_pretrained) == "hub" and name != cfg.distill_pretrained:
+        open_clip.load_checkpoint(teacher, pretrained.hub_weights(cfg.distill_pretrained, cfg.cache_dir or None))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def _bnb_linear(model: torch.nn.Module, module_name: str, device: torch.device) -> torch.nn.Module:
+    import bitsandbytes as bnb
+    from open_clip.utils import replace_linear
+
+    replace_linear(model, getattr(bnb.nn.triton_based_modules, module_name))
+    return model.to(device)
+
+
+def _saved_name(name: str) -> str:
+    """A name the other stages can register a config under (a Hub id has slashes)."""
+    return name.removeprefix(pretrained.HF_HUB).replace("/", "--") if name.startswith(pretrained.HF_HUB) else name
+
+
+def _model_cfg(name: str, model: torch.nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    if name.startswith(pretrained.HF_HUB):
+        from open_clip.factory import _get_hf_config
+
+        return _get_hf_config(name[len(pretrained.HF_HUB):], cache_dir=cfg.cache_dir or None)["model_cfg"]
+    model_cfg = model_config(name)
+    if cfg.force_quick_gelu:
+        model_cfg["quick_gelu"] = True
+    if cfg.force_custom_text:
+        model_cfg["custom_text"] = True
+    if cfg.force_image_size:
+        model_cfg["vision_cfg"]["image_size"] = model_options(cfg)["force_image_size"]
+    if cfg.force_context_length:
+        model_cfg["text_cfg"]["context_length"] = cfg.force_context_length
+    return model_cfg
 
 
 def read_weights(uri: str) -> dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ from stages.train.config import TrainConfig
 from stages.train.loop import NonFiniteGuard, StepOutcome, TrainStep, step_groups
 from stages.train.loss import create_loss
 from stages.train.metrics import TrainMetrics, flops_per_sample, peak_flops
-from stages.train.model import ModelBundle, build_model, maybe_compile
+from stages.train.model import ModelBundle, build_distill_model, build_model, maybe_compile
+from stages.train.reporting import Reporters
 from stages.train.rng import RNGState
 from stages.train.validate import evaluate
 from stages.train.watchdog import Watchdog, main_only
@@ -107,10 +108,11 @@ class Session:
     loaded_from: str | None = None
     flops_per_sample: float = 0.0
     peak_flops: float = 0.0
-    tb_writer: Any = None
+    reporters: Any = None
     last_val: dict = dataclasses.field(default_factory=dict)
     last_loss: float | None = None
     watchdog: Watchdog | None = None
+    teacher: Any = None
     zeroshot_sets: list = dataclasses.field(default_factory=list)
 
     @property
@@ -123,9 +125,11 @@ class Session:
 
 def run(cfg: TrainConfig) -> int:
     started = time.time()
-    info = init_distributed(cfg.device, collective_timeout(_collective_timeout_s(cfg)))
+    info = init_distributed(cfg.device, collective_timeout(_collective_timeout_s(cfg)), backend=cfg.dist_backend,
+                            url=cfg.dist_url, same_device=cfg.no_set_device_rank)
     cfg.run_id = agree_run_id(cfg.run_id, cfg.run_id_given, info)
-    setup_logging("train", cfg.run_id, info.rank, cfg.log_level if info.is_main else "WARNING")
+    logs_here = info.is_main or (cfg.log_local and info.local_rank == 0)
+    setup_logging("train", cfg.run_id, info.rank, cfg.log_level if logs_here else "WARNING")
     metrics = TrainMetrics(cfg.run_id, info.rank)
     metrics.serve(cfg.metrics_port, cfg.metrics_addr, info.local_rank)
     watchdog = Watchdog(info, cfg.step_timeout).start()
@@ -152,7 +156,7 @@ def _collective_timeout_s(cfg: TrainConfig) -> float:
 
 
 def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: CheckpointManager) -> Session:
-    from stages.train.data import get_train_data, get_val_data
+    from stages.train.sources import get_train_data, get_val_data
 
     cfg.check_inputs(info.world_size)  # the first samples are usable, before any model is built
     ckpt = manager.load()
@@ -186,11 +190,17 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
         manager.restore(ckpt)
         if progress.epoch_samples is None:  # format 1: the same layout, so steps measure it
             progress.epoch_samples = (progress.step - progress.epoch * steps_per_epoch) * step_samples
+        if ckpt.format == "open_clip_train":  # it counts epochs: epoch N starts at N x steps per epoch
+            progress.step = ckpt.epoch * steps_per_epoch
+            progress.samples_seen = progress.step * step_samples
+            log.info("open_clip_train checkpoint of epoch %d: continuing at step %d", ckpt.epoch, progress.step)
     progress.world_size, progress.global_batch_size = info.world_size, step_samples
     total_steps = _plan_total(cfg, progress, schedule, steps_per_epoch, step_samples)
     if ckpt:
         log.info("resumed from %s at step %d (epoch %d)", ckpt.uri, progress.step, progress.epoch)
         _log_layout_change(cfg, info, saved_layout, schedule, total_steps - progress.step)
+    if cfg.use_bn_sync and info.distributed:
+        bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bundle.model)
     model = maybe_compile(wrap_ddp(bundle.model, info, cfg.ddp_static_graph), cfg.torchcompile)
     val_data = None
     if cfg.has_val:  # every rank validates its part
@@ -199,7 +209,8 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
     session = Session(cfg=cfg, info=info, bundle=bundle, model=model, optimizer=optimizer, scaler=scaler,
                       scheduler=schedule, loss_fn=create_loss(cfg, info), data=data, val_data=val_data,
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps, progress=progress,
-                      metrics=metrics, checkpoints=manager, loaded_from=ckpt.uri if ckpt else None)
+                      metrics=metrics, checkpoints=manager, loaded_from=ckpt.uri if ckpt else None,
+                      teacher=build_distill_model(cfg, info.device))
     _setup_reporting(session)
     session.zeroshot_sets = zeroshot.open_sets(cfg)
     return session
@@ -251,10 +262,7 @@ def _setup_reporting(s: Session) -> None:
                  s.total_steps, s.cfg.batch_size * s.cfg.accum_freq * s.info.world_size,
                  s.steps_per_epoch, f"{s.peak_flops:.3g} FLOP/s" if s.peak_flops else "FLOP/s unknown "
                  "(no MFU; give --peak-flops)")
-        if s.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            s.tb_writer = SummaryWriter(s.cfg.tensorboard)
+        s.reporters = Reporters(s.cfg)
 
 
 def train(s: Session) -> None:
@@ -264,7 +272,7 @@ def train(s: Session) -> None:
         s.watchdog = Watchdog(s.info)
     watchdog = s.watchdog
     step_fn = TrainStep(s.model, s.loss_fn, s.optimizer, s.scaler, precision=cfg.precision,
-                        grad_clip_norm=cfg.grad_clip_norm, info=s.info, mark=watchdog.enter)
+                        grad_clip_norm=cfg.grad_clip_norm, info=s.info, mark=watchdog.enter, teacher=s.teacher)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, p.nonfinite_total)
     loader_epoch = p.epoch
     s.model.train()
@@ -305,13 +313,16 @@ def _after_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds:
     _record_metrics(s, out, lr, waited, seconds, logging_step)
     if s.info.is_main and logging_step:
         _log_step(s, out, lr, waited, seconds)
+    epoch_done = s.steps_left_in_epoch() == 0
+    every_epochs = lambda n: bool(n) and epoch_done and (p.epoch + 1) % n == 0  # noqa: E731
     s.checkpoints.check()  # a background write that failed for good stops the run here
-    if s.checkpoints.due(p.step, last):  # before validation: a failing validation loses no checkpoint
+    if s.checkpoints.due(p.step, last) or every_epochs(cfg.save_frequency):  # before validation: a failing validation loses no checkpoint
         with s.watchdog.phase("checkpoint"):  # every rank hands over its data position and RNG
-            _save(s, epoch_done=s.steps_left_in_epoch() == 0)
+            _save(s, epoch_done=epoch_done)
         if last:  # rank 0 waits for the write; the others wait on the store, not in a collective
             main_only(s.watchdog, s.info, "checkpoint", str(p.step), s.checkpoints.wait)
-    if s.val_data is not None and (last or (cfg.val_every_steps and p.step % cfg.val_every_steps == 0)):
+    if s.val_data is not None and (last or (cfg.val_every_steps and p.step % cfg.val_every_steps == 0)
+                                   or every_epochs(cfg.val_frequency)):
         with s.watchdog.phase("validation"):  # every rank validates its part (bounded by --val-num-samples)
             _validate(s)
     if s.zeroshot_sets and zeroshot.due(cfg, p.step, s.steps_per_epoch, last):
@@ -348,10 +359,10 @@ def _record_metrics(s: Session, out: StepOutcome, lr: float, waited: float, seco
     if s.peak_flops and s.flops_per_sample:
         m.mfu.set(s.flops_per_sample * rate / (s.peak_flops * world))
     m.gpu_memory(s.info.device)
-    if s.tb_writer is not None and logging_step:
-        for name, value in {"loss": out.loss, "lr": lr, "scale": out.logit_scale,
-                            "samples_per_second": rate, "data_time": waited}.items():
-            s.tb_writer.add_scalar(f"train/{name}", value, s.progress.step)
+    if s.reporters is not None and logging_step:
+        s.reporters.scalars({"train/loss": out.loss, "train/lr": lr, "train/scale": out.logit_scale,
+                             "train/samples_per_second": rate, "train/data_time": waited,
+                             "train/batch_time": seconds}, s.progress.step)
 
 
 def _log_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds: float) -> None:
@@ -374,14 +385,15 @@ def _validate(s: Session) -> None:
     s.metrics.validation({k: v for k, v in s.last_val.items() if k != "num_samples"})
     log.info("Eval Step: %d %s", s.progress.step,
              " ".join(f"{k}: {v:.4f}" for k, v in s.last_val.items()))
-    if s.tb_writer is not None:
-        for name, value in s.last_val.items():
-            s.tb_writer.add_scalar(f"val/{name}", value, s.progress.step)
+    if s.reporters is not None:
+        s.reporters.scalars({f"val/{k}": v for k, v in s.last_val.items()}, s.progress.step)
 
 
 def _save(s: Session, epoch_done: bool) -> None:
     """All ranks take part (each rank's data position and RNG); rank 0 writes in the background."""
     s.checkpoints.save(s.progress.step, epoch_done)
+    if s.reporters is not None:  # TensorBoard events follow the checkpoints into the run's store
+        s.reporters.sync()
 
 
 def finish(s: Session, started: float) -> None:
@@ -407,5 +419,5 @@ def finish(s: Session, started: float) -> None:
         packages=("torch", "open_clip_torch", "webdataset"))
     s.metrics.stage.mark_success()
     s.metrics.stage.push(cfg.pushgateway)
-    if s.tb_writer is not None:
-        s.tb_writer.close()
+    if s.reporters is not None:
+        s.reporters.close()

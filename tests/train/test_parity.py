@@ -112,7 +112,10 @@ def open_clip_train_losses(model, batches, accum: int) -> list[float]:
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
               {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad], "weight_decay": cfg.wd}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    from stages.train.optim import default_adam_params
+
+    adam = default_adam_params(cfg.model)  # what --beta1/--beta2/--eps default to for this model
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(adam["beta1"], adam["beta2"]), eps=adam["eps"])
     steps = len(batches) // accum
     scheduler = cosine_lr(optimizer, cfg.lr, cfg.warmup, steps)
     loss = _RecordingLoss(ClipLoss(cache_labels=True, rank=0, world_size=1))
