@@ -60,7 +60,7 @@ DEFAULTS_DIFFER: dict[str, str] = {
     "train_data": "'' (required unless --dataset-type synthetic)",
     "cache_dir": "'': Hugging Face's cache", "dist_url": "'': env://", "dist_backend": "'': by device",
     "use_bnb_linear": "'': none", "distill_model": "'': none", "distill_pretrained": "'': none",
-    "resume": "'': none", "train_data_upsampling_factors": "'': none",
+    "resume": "'': none", "imagenet_val": "'': none", "imagenet_v2": "'': none", "train_data_upsampling_factors": "'': none",
 }
 
 _REFUSED_KINDS = (REFUSED, EVALUATION)
