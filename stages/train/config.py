@@ -60,6 +60,8 @@ class TrainConfig(CommonConfig):
     siglip: bool = _f(False, "sigmoid loss (SigLIP) instead of the softmax CLIP loss")
     # distributed
     ddp_static_graph: bool = _f(False, "DDP static_graph=True")
+    fsdp: bool = _f(False, "shard parameters, gradients and optimizer state across ranks (FSDP2) "
+                           "instead of replicating them (DDP)")
     device: str = _f("auto", "device", choices=["auto", "cpu", "cuda"])
     seed: int = _f(0, "random seed")
     # checkpoints and resume
