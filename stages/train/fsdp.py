@@ -112,17 +112,44 @@ class ShardedModelState:
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
 
 
-class ShardedOptimizerState:
-    """The optimizer as a collective Stateful; its state is keyed by parameter name."""
+class OptimizerState:
+    """The optimizer as a Stateful that resumes from a checkpoint of either layout.
 
-    collective = True
+    A --fsdp checkpoint keys the optimizer state by parameter name (torch.distributed.checkpoint's
+    full optimizer state dict); a DDP one by position in the parameter groups (torch's own
+    optimizer.state_dict()). Either is loaded into either, so a run can switch between DDP and
+    --fsdp on resume. Sharded, state_dict() is collective: every rank must call it.
+    """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool):
+        self.model, self.optimizer, self.collective = model, optimizer, sharded
 
     def state_dict(self) -> dict[str, Any]:
+        if not self.collective:
+            return self.optimizer.state_dict()
         return get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        by_name = any(isinstance(p, str) for g in state.get("param_groups", []) for p in g["params"])
+        if not by_name:
+            if not self.collective:
+                self.optimizer.load_state_dict(state)
+                return
+            state = self._by_name(state)
         set_optimizer_state_dict(self.model, self.optimizer, state,
                                  options=StateDictOptions(full_state_dict=True))
+
+    def _by_name(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Positions -> parameter names, in the order the optimizer holds its parameters."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        saved = [i for g in state["param_groups"] for i in g["params"]]
+        if len(saved) != len(order):
+            from stages.common.errors import DataError
+
+            raise DataError(f"the checkpoint's optimizer holds {len(saved)} parameters, this model "
+                            f"trains {len(order)} (were --lock-image/--lock-text the same?)")
+        name_of = dict(zip(saved, order, strict=True))
+        return {"state": {name_of[i]: v for i, v in state["state"].items()},
+                "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]}
+                                 for g in state["param_groups"]]}

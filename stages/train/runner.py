@@ -156,10 +156,9 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
     step_samples = cfg.batch_size * cfg.accum_freq * info.world_size
     schedule = optim.Schedule(optimizer, cfg, global_batch=step_samples,
                               epoch_samples=steps_per_epoch * step_samples)
-    model_state, optimizer_state = ((fsdp.ShardedModelState(bundle.model),
-                                     fsdp.ShardedOptimizerState(bundle.model, optimizer)) if cfg.fsdp
-                                    else (_ModelState(bundle.model), optimizer))
-    manager.replicated = {"model": model_state, "optimizer": optimizer_state,
+    model_state = fsdp.ShardedModelState(bundle.model) if cfg.fsdp else _ModelState(bundle.model)
+    manager.replicated = {"model": model_state,
+                          "optimizer": fsdp.OptimizerState(bundle.model, optimizer, sharded=cfg.fsdp),
                           "scheduler": _ScheduleState(schedule, progress), "progress": progress}
     if scaler is not None:
         manager.replicated["scaler"] = scaler

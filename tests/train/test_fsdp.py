@@ -13,13 +13,14 @@ REL = 1e-4
 STEPS = 10
 
 
-def _train(root, shards, env, name: str, *args: str, ranks: int = 2) -> tuple[list[float], dict]:
+def _train(root, shards, env, name: str, *args: str, ranks: int = 2,
+           steps: int = STEPS) -> tuple[list[float], dict]:
     cmd = torchrun_cmd("--standalone", "--nproc-per-node", str(ranks), train_args=[
         "--train-data", str(shards), "--root", str(root), "--run-id", name, "--batch-size", "8",
-        "--steps", str(STEPS), "--save-every-steps", "5", *args])
+        "--steps", str(steps), "--save-every-steps", "5", *args])
     rc, text = run(cmd, env, root / f"{name}.log", timeout=400)
     assert rc == 0, text[-3000:]
-    return [loss for _, _, loss in step_lines(text)], run_json(root / name)
+    return [loss for _, _, loss in step_lines(text)], run_json(root / name)["stages"]["train"]["outputs"]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,17 @@ def runs(train_shards, tmp_path_factory):
     return out
 
 
+def _resume(runs, written_by: str, fsdp: bool, ranks: int) -> list[float]:
+    """Resume step 5 of a run on `ranks` ranks at the same global batch of 16; the losses after."""
+    key = ("resume", written_by, fsdp, ranks)
+    if key not in runs:
+        name = f"resume-{written_by}-{'fsdp' if fsdp else 'ddp'}-{ranks}"
+        flags = ["--resume", _step_file(runs, written_by, 5), "--batch-size", str(16 // ranks)]
+        runs[key] = _train(runs["root"], runs["shards"], runs["env"], name, *flags,
+                           *(["--fsdp"] if fsdp else []), ranks=ranks)[0]
+    return runs[key]
+
+
 def _assert_same_losses(ours: list[float], theirs: list[float], steps: int = STEPS) -> None:
     assert len(ours) == len(theirs) == steps
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
@@ -48,15 +60,14 @@ def _assert_same_losses(ours: list[float], theirs: list[float], steps: int = STE
 def test_fsdp_losses_equal_ddp_at_the_same_global_batch(runs, accum):
     (fsdp_losses, fsdp_run), (ddp_losses, ddp_run) = runs[("fsdp", accum)], runs[("ddp", accum)]
     _assert_same_losses(fsdp_losses, ddp_losses)
-    outputs = fsdp_run["stages"]["train"]["outputs"]
-    assert outputs["parallel"] == "fsdp" and ddp_run["stages"]["train"]["outputs"]["parallel"] == "ddp"
-    assert outputs["samples_seen"] == STEPS * 8 * accum * 2
+    assert fsdp_run["parallel"] == "fsdp" and ddp_run["parallel"] == "ddp"
+    assert fsdp_run["samples_seen"] == STEPS * 8 * accum * 2
 
 
 @pytest.mark.slow
 def test_fsdp_holds_about_half_the_parameter_and_optimizer_state_per_rank(runs):
-    fsdp_bytes = runs[("fsdp", 1)][1]["stages"]["train"]["outputs"]["state_bytes_per_rank"]
-    ddp_bytes = runs[("ddp", 1)][1]["stages"]["train"]["outputs"]["state_bytes_per_rank"]
+    fsdp_bytes = runs[("fsdp", 1)][1]["state_bytes_per_rank"]
+    ddp_bytes = runs[("ddp", 1)][1]["state_bytes_per_rank"]
     # parameters + AdamW's two moments: three full copies under DDP, a half of each under FSDP
     assert ddp_bytes > 3 * 3e6 * 4
     assert 0.45 <= fsdp_bytes / ddp_bytes <= 0.55, (fsdp_bytes, ddp_bytes)
@@ -79,10 +90,50 @@ def test_an_fsdp_checkpoint_holds_the_full_weights_as_a_ddp_one_does(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [2, 1])
-def test_an_fsdp_checkpoint_resumes_on_the_same_curve_on_2_and_on_1_rank(runs, ranks):
-    uninterrupted, _ = runs[("fsdp", 1)]
-    resumed, _ = _train(runs["root"], runs["shards"], runs["env"], f"resume{ranks}", "--fsdp",
-                        "--resume", _step_file(runs, "fsdp1", 5), "--batch-size", str(16 // ranks),
-                        ranks=ranks)  # the same global batch of 16
-    _assert_same_losses(resumed, uninterrupted[5:], steps=STEPS - 5)
+@pytest.mark.parametrize(("written_by", "fsdp", "ranks"), [
+    ("fsdp1", True, 2), ("fsdp1", True, 1), ("fsdp1", False, 2), ("ddp1", True, 2)])
+def test_a_checkpoint_resumes_the_same_with_and_without_fsdp_on_2_and_on_1_rank(runs, written_by, fsdp,
+                                                                                 ranks):
+    # the reference: the DDP checkpoint of the same run resumed under DDP on as many ranks
+    # (so both read the data from the same position in the same layout)
+    _assert_same_losses(_resume(runs, written_by, fsdp, ranks), _resume(runs, "ddp1", False, ranks),
+                        steps=STEPS - 5)
+
+
+@pytest.mark.slow
+def test_siglip_with_a_locked_image_tower_and_grad_checkpointing_matches_ddp(runs):
+    flags = ["--siglip", "--lock-image", "--grad-checkpointing", "--val-data", "auto"]
+    ddp = _train(runs["root"], runs["shards"], runs["env"], "siglip-ddp", *flags, steps=4)
+    fsdp = _train(runs["root"], runs["shards"], runs["env"], "siglip-fsdp", *flags, "--fsdp", steps=4)
+    _assert_same_losses(fsdp[0], ddp[0], steps=4)
+    assert fsdp[1]["val"]["num_samples"] == ddp[1]["val"]["num_samples"] == 128
+    assert abs(fsdp[1]["val"]["val_loss"] - ddp[1]["val"]["val_loss"]) <= REL * ddp[1]["val"]["val_loss"]
+
+
+def _embeddings(model, size: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, size, size, generator=generator)
+    texts = torch.randint(1, 400, (4, context), generator=generator)
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(texts)
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_read_an_fsdp_checkpoint_as_the_ddp_one(runs):
+    import open_clip
+
+    from stages.evaluate.model import load_model
+    from stages.export.cli import main as export
+
+    root = runs["root"]
+    got = {}
+    for name in ("fsdp1", "ddp1"):
+        assert export(["--root", str(root), "--run-id", name]) == 0
+        exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{root / name / 'export'}")
+        evaluated = load_model(str(root / name), torch.device("cpu"))
+        assert evaluated.step == STEPS
+        size, context = exported.visual.image_size[0], exported.context_length
+        got[name] = [*_embeddings(exported.eval(), size, context), *_embeddings(evaluated.model, size, context)]
+    for fsdp_value, ddp_value in zip(got["fsdp1"], got["ddp1"], strict=True):
+        torch.testing.assert_close(fsdp_value, ddp_value, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(got["fsdp1"][0], got["fsdp1"][2])  # export and evaluate: one model
