@@ -94,6 +94,9 @@ class TrainConfig(CommonConfig):
         if not self.train_data:
             raise ConfigError("--train-data is required: a run folder, data/ folder, manifest.json "
                               "or brace pattern of webdataset shards")
+        if self.fsdp and self.ddp_static_graph:
+            raise ConfigError("--ddp-static-graph applies to DDP; with --fsdp there is no DDP wrapper, "
+                              "drop one of the two")
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
             raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:

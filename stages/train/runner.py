@@ -143,6 +143,8 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
     flops = _count_flops(bundle) if info.is_main else 0.0  # on the whole model, before any sharding
     if cfg.fsdp and info.distributed:
         fsdp.shard(bundle.model, cfg.precision)
+    elif cfg.fsdp:
+        log.info("--fsdp in one process: nothing to shard, the model is trained whole")
     data = get_train_data(cfg, bundle.preprocess_train, bundle.tokenizer, rank=info.rank,
                           world_size=info.world_size, epoch=progress.epoch)
     steps_per_epoch = data.num_batches // cfg.accum_freq

@@ -6,8 +6,9 @@ import os
 
 import pytest
 import torch
-from tests.conftest import REPO
 from trainrun import latest, load_checkpoint, run, run_json, step_lines, torchrun_cmd, train_env
+
+from tests.conftest import REPO
 
 REL = 1e-4
 STEPS = 10
