@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
-from trainrun import latest, load_checkpoint, run, run_json, step_lines, torchrun_cmd, train_env
+from trainrun import (
+    kill_a_worker_when,
+    latest,
+    load_checkpoint,
+    run,
+    run_json,
+    start,
+    step_lines,
+    torchrun_cmd,
+    train_env,
+)
 
 from tests.conftest import REPO
 
@@ -24,12 +35,16 @@ def _train(root, shards, env, name: str, *args: str, ranks: int = 2,
     return [loss for _, _, loss in step_lines(text)], run_json(root / name)["stages"]["train"]["outputs"]
 
 
+def _env() -> dict:
+    """cli_env's environment, for a module-scoped fixture (cli_env is per test)."""
+    return train_env({**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                      "TOKENIZERS_PARALLELISM": "false"})
+
+
 @pytest.fixture(scope="module")
 def runs(train_shards, tmp_path_factory):
     """DDP and --fsdp, each with accum 1, and accum 2 with local loss + gathered gradients."""
-    root = tmp_path_factory.mktemp("fsdp")
-    env = train_env({**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                     "TOKENIZERS_PARALLELISM": "false"})
+    root, env = tmp_path_factory.mktemp("fsdp"), _env()
     out = {"root": root, "shards": train_shards, "env": env}
     for accum, extra in ((1, []), (2, ["--local-loss", "--gather-with-grad"])):
         flags = ["--accum-freq", str(accum), *extra]
@@ -138,3 +153,24 @@ def test_export_and_evaluate_read_an_fsdp_checkpoint_as_the_ddp_one(runs):
     for fsdp_value, ddp_value in zip(got["fsdp1"], got["ddp1"], strict=True):
         torch.testing.assert_close(fsdp_value, ddp_value, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(got["fsdp1"][0], got["fsdp1"][2])  # export and evaluate: one model
+
+
+@pytest.mark.slow
+def test_an_fsdp_rank_killed_mid_run_restarts_from_latest_and_finishes(train_shards, tmp_path):
+    root = tmp_path / "runs"
+    cmd = torchrun_cmd("--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+                       "--monitor-interval", "0.2", train_args=[
+                           "--train-data", str(train_shards), "--root", str(root), "--run-id", "k",
+                           "--batch-size", "8", "--steps", "16", "--save-every-steps", "4",
+                           "--resume", "latest", "--fsdp"])
+    proc = start(cmd, _env(), tmp_path / "log")
+    saved = lambda: (latest(root / "k" / "checkpoints") or {}).get("step", 0) >= 8  # noqa: E731
+    kill_a_worker_when(saved, "an --fsdp checkpoint at step 8", proc, tmp_path / "log")
+    log = (tmp_path / "log").read_text()
+    resumed = [int(s) for s in re.findall(r"resumed from \S+step_(\d+)\.pt at step", log)]
+    assert len(resumed) == 1 and resumed[0] >= 8, log[-3000:]
+    outputs = run_json(root / "k")["stages"]["train"]["outputs"]
+    assert outputs["step"] == 16 and outputs["parallel"] == "fsdp"
+    final = load_checkpoint(latest(root / "k" / "checkpoints")["uri"])
+    assert final["step"] == final["progress"]["step"] == 16
+    assert "logit_scale" in final["optimizer"]["state"]  # the --fsdp layout: keyed by parameter name
