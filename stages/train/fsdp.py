@@ -28,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from stages.common.errors import ConfigError, DataError
+
 _COMPUTE_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16}
 # gathered onto rank 0 only, in CPU memory: what one checkpoint file needs, no more per rank
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -56,8 +58,6 @@ def shard(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """fully_shard each block, then the root; the model is changed in place and returned."""
     blocks = transformer_blocks(model)
     if not blocks:
-        from stages.common.errors import ConfigError
-
         raise ConfigError(f"--fsdp: {type(model).__name__} has no transformer blocks to shard "
                           "(only open_clip transformer towers are supported)")
     policy = mixed_precision(precision)
@@ -78,10 +78,6 @@ def _average_grad(param: torch.Tensor) -> None:
     on every rank, so averaging the sum averages only the new micro-batch's gradient.
     """
     dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def local_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -145,8 +141,6 @@ class OptimizerState:
         order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
         saved = [i for g in state["param_groups"] for i in g["params"]]
         if len(saved) != len(order):
-            from stages.common.errors import DataError
-
             raise DataError(f"the checkpoint's optimizer holds {len(saved)} parameters, this model "
                             f"trains {len(order)} (were --lock-image/--lock-text the same?)")
         name_of = dict(zip(saved, order, strict=True))
