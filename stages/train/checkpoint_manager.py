@@ -2,7 +2,8 @@
 
 In the spirit of torchtitan's CheckpointManager: the parts of training that have state expose
 `state_dict()` / `load_state_dict()` (the Stateful protocol below) and the manager gathers them.
-Replicated parts (model, optimizer, scaler, LR schedule, progress) are taken from rank 0; per-rank
+Replicated parts (model, optimizer, scaler, LR schedule, progress) are taken from rank 0 (a part
+marked `collective`, such as a sharded model, is called on every rank and gathers onto rank 0); per-rank
 parts (the data loader's position, the RNG) are gathered from every rank with all_gather_object
 and saved as lists, so each rank gets its own back. The file layout and LATEST are
 stages.common.checkpoints'; the background write is stages.train.async_save's.
@@ -153,9 +154,13 @@ class CheckpointManager:
         if epoch_done:
             mine["data"] = None
         gathered = self._gather(mine)
+        # a sharded part (--fsdp) gathers its full state with collectives: every rank calls it
+        collective = {name: part.state_dict() for name, part in self.replicated.items()
+                      if getattr(part, "collective", False)}
         if not self.info.is_main:
             return time.perf_counter() - start
-        live = {name: part.state_dict() for name, part in self.replicated.items()}  # tensors by reference
+        live = {name: collective[name] if name in collective else part.state_dict()
+                for name, part in self.replicated.items()}  # tensors by reference
         progress = live["progress"]
         if epoch_done:  # an epoch-end checkpoint resumes at the start of the next epoch
             progress.update(epoch=progress["epoch"] + 1, epoch_samples=0)

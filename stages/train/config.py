@@ -68,6 +68,8 @@ class TrainConfig(CommonConfig):
     siglip: bool = _f(False, "sigmoid loss (SigLIP) instead of the softmax CLIP loss")
     # distributed
     ddp_static_graph: bool = _f(False, "DDP static_graph=True")
+    fsdp: bool = _f(False, "shard parameters, gradients and optimizer state across ranks (FSDP2) "
+                           "instead of replicating them (DDP)")
     device: str = _f("auto", "device", choices=["auto", "cpu", "cuda"])
     seed: int = _f(0, "random seed")
     # checkpoints and resume
@@ -178,6 +180,9 @@ class TrainConfig(CommonConfig):
 
         self._check_numbers()
         check_combinations(self)
+        if self.fsdp and self.ddp_static_graph:
+            raise ConfigError("--ddp-static-graph applies to DDP; with --fsdp there is no DDP wrapper, "
+                              "drop one of the two")
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
             raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:

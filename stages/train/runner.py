@@ -21,7 +21,7 @@ from stages.common.distributed import (
 )
 from stages.common.errors import ConfigError, DataError
 from stages.common.logs import setup_logging
-from stages.train import optim, zeroshot
+from stages.train import fsdp, optim, zeroshot
 from stages.train.checkpoint_manager import CheckpointManager
 from stages.train.config import TrainConfig
 from stages.train.loop import NonFiniteGuard, StepOutcome, TrainStep, step_groups
@@ -164,6 +164,11 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
     if ckpt:
         progress.load_state_dict(ckpt.trainer["progress"])
     bundle = build_model(cfg, info.device, info.rank)
+    flops = _count_flops(bundle) if info.is_main else 0.0  # on the whole model, before any sharding
+    if cfg.fsdp and info.distributed:
+        fsdp.shard(bundle.model, cfg.precision)
+    elif cfg.fsdp:
+        log.info("--fsdp in one process: nothing to shard, the model is trained whole")
     data = get_train_data(cfg, bundle.preprocess_train, bundle.tokenizer, rank=info.rank,
                           world_size=info.world_size, epoch=progress.epoch)
     steps_per_epoch = data.num_batches // cfg.accum_freq
@@ -177,7 +182,9 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
     step_samples = cfg.batch_size * cfg.accum_freq * info.world_size
     schedule = optim.Schedule(optimizer, cfg, global_batch=step_samples,
                               epoch_samples=steps_per_epoch * step_samples)
-    manager.replicated = {"model": _ModelState(bundle.model), "optimizer": optimizer,
+    model_state = fsdp.ShardedModelState(bundle.model) if cfg.fsdp else _ModelState(bundle.model)
+    manager.replicated = {"model": model_state,
+                          "optimizer": fsdp.OptimizerState(bundle.model, optimizer, sharded=cfg.fsdp),
                           "scheduler": _ScheduleState(schedule, progress), "progress": progress}
     if scaler is not None:
         manager.replicated["scaler"] = scaler
@@ -201,16 +208,17 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
         _log_layout_change(cfg, info, saved_layout, schedule, total_steps - progress.step)
     if cfg.use_bn_sync and info.distributed:
         bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bundle.model)
-    model = maybe_compile(wrap_ddp(bundle.model, info, cfg.ddp_static_graph), cfg.torchcompile)
+    wrapped = bundle.model if cfg.fsdp else wrap_ddp(bundle.model, info, cfg.ddp_static_graph)
+    model = maybe_compile(wrapped, cfg.torchcompile)
     val_data = None
-    if cfg.has_val:  # every rank validates its part
-        val_data = get_val_data(cfg, bundle.preprocess_val, bundle.tokenizer, rank=info.rank,
-                                world_size=info.world_size)
+    if cfg.has_val:  # DDP: every rank validates its part; --fsdp: all of it (its forward needs every rank)
+        val_data = get_val_data(cfg, bundle.preprocess_val, bundle.tokenizer, rank=0 if cfg.fsdp else info.rank,
+                                world_size=1 if cfg.fsdp else info.world_size)
     session = Session(cfg=cfg, info=info, bundle=bundle, model=model, optimizer=optimizer, scaler=scaler,
                       scheduler=schedule, loss_fn=create_loss(cfg, info), data=data, val_data=val_data,
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps, progress=progress,
                       metrics=metrics, checkpoints=manager, loaded_from=ckpt.uri if ckpt else None,
-                      teacher=build_distill_model(cfg, info.device))
+                      teacher=build_distill_model(cfg, info.device), flops_per_sample=flops)
     _setup_reporting(session)
     session.zeroshot_sets = zeroshot.open_sets(cfg)
     return session
@@ -250,12 +258,13 @@ def _log_layout_change(cfg: TrainConfig, info: DistInfo, saved: tuple, schedule:
                  schedule.total_ref_steps, steps_left)
 
 
+def _count_flops(bundle: ModelBundle) -> float:
+    return flops_per_sample(bundle.model, bundle.model.visual.image_size, bundle.model.context_length)
+
+
 def _setup_reporting(s: Session) -> None:
     s.peak_flops = peak_flops(s.info.device, s.cfg.peak_flops)
     if s.info.is_main:
-        visual = s.bundle.model.visual
-        s.flops_per_sample = flops_per_sample(s.bundle.model, visual.image_size,
-                                              s.bundle.model.context_length)
         log.info("model %s: %.1fM parameters, %.3g GFLOP per sample (train); %d steps of %d samples "
                  "(%d steps per epoch); peak %s", s.bundle.model_name,
                  sum(p.numel() for p in s.bundle.model.parameters()) / 1e6, s.flops_per_sample / 1e9,
@@ -379,8 +388,8 @@ def _log_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds: f
 def _validate(s: Session) -> None:
     if s.val_data is None:  # --val-data auto found no val split
         return
-    s.last_val = evaluate(s.model, s.val_data, s.info.device, s.cfg.precision)
-    if not s.info.is_main:
+    s.last_val = evaluate(s.model, s.val_data, s.info.device, s.cfg.precision, parts_per_rank=not s.cfg.fsdp)
+    if not s.info.is_main:  # --fsdp: the other ranks only take part in the sharded forward
         return
     s.metrics.validation({k: v for k, v in s.last_val.items() if k != "num_samples"})
     log.info("Eval Step: %d %s", s.progress.step,
@@ -415,7 +424,8 @@ def finish(s: Session, started: float) -> None:
                  "nonfinite_steps": p.nonfinite_total, "skipped_samples_rank0": skipped,
                  "checkpoint_fallbacks": s.checkpoints.fallbacks,
                  "checkpoint_prune_failures": s.checkpoints.prune_failures,
-                 "world_size": s.info.world_size},
+                 "world_size": s.info.world_size, "parallel": "fsdp" if s.cfg.fsdp else "ddp",
+                 "state_bytes_per_rank": fsdp.local_state_bytes(s.bundle.model, s.optimizer)},
         packages=("torch", "open_clip_torch", "webdataset"))
     s.metrics.stage.mark_success()
     s.metrics.stage.push(cfg.pushgateway)

@@ -44,15 +44,20 @@ def _gather(part: tuple) -> list[tuple]:
     return parts
 
 
-def evaluate(model, val_data, device: torch.device, precision: str) -> dict[str, float]:
-    """Val loss (mean over samples) and mean/median rank and R@1/5/10 in both directions."""
+def evaluate(model, val_data, device: torch.device, precision: str, parts_per_rank: bool = True) -> dict[str, float]:
+    """Val loss (mean over samples) and mean/median rank and R@1/5/10 in both directions.
+
+    `parts_per_rank`: each rank holds its part of the val set and the parts are gathered; False
+    when every rank encodes all of it (--fsdp, whose sharded forward needs every rank each batch).
+    """
     model = unwrap(model)
     was_training = model.training
     model.eval()
     image_feats, text_feats, total_loss, count = _encode(model, val_data, device, precision)
     model.train(was_training)
-    parts = _gather((torch.cat(image_feats) if image_feats else None,
-                     torch.cat(text_feats) if text_feats else None, total_loss, count))
+    part = (torch.cat(image_feats) if image_feats else None,
+            torch.cat(text_feats) if text_feats else None, total_loss, count)
+    parts = _gather(part) if parts_per_rank else [part]
     images = [p[0] for p in parts if p[0] is not None]
     texts = [p[1] for p in parts if p[1] is not None]
     count = sum(p[3] for p in parts)

@@ -34,6 +34,11 @@ def test_batch_size_zero(capsys, tmp_path, train_shards):
     assert rc == 2 and "--batch-size 0: must be at least 1" in err
 
 
+def test_fsdp_with_ddp_static_graph(capsys, tmp_path, train_shards):
+    rc, err = _fails(capsys, tmp_path, "--train-data", str(train_shards), "--fsdp", "--ddp-static-graph")
+    assert rc == 2 and "--ddp-static-graph applies to DDP; with --fsdp" in err
+
+
 def test_accum_needs_more_data_than_given(capsys, tmp_path, train_shards):
     rc, err = _fails(capsys, tmp_path, "--train-data", str(train_shards), "--batch-size", "16",
                      "--accum-freq", "4", "--train-num-samples", "32")
