@@ -180,6 +180,9 @@ class TrainConfig(CommonConfig):
 
         self._check_numbers()
         check_combinations(self)
+        from stages.train.pretrained import check_pretrained
+
+        check_pretrained(self)  # a lookup in open_clip's table of released tags: nothing is read
         if self.fsdp and self.ddp_static_graph:
             raise ConfigError("--ddp-static-graph applies to DDP; with --fsdp there is no DDP wrapper, "
                               "drop one of the two")

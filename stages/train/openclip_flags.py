@@ -93,7 +93,7 @@ def translate(cfg: Any) -> None:
                               f"{flag(theirs)} is open_clip_train's name for {flag(ours)}; give one")
         setattr(cfg, ours, value)
     if cfg.delete_previous_checkpoint:
-        if cfg.keep_last not in (0, 1):
+        if cfg.keep_last not in (defaults["keep_last"], 1):
             raise ConfigError(f"--delete-previous-checkpoint means --keep-last 1, but --keep-last is {cfg.keep_last}")
         cfg.keep_last = 1
     if cfg.debug:

@@ -111,8 +111,11 @@ def test_latest_names_only_what_was_completely_written(tmp_path):
 
 def test_open_clip_train_and_format_1_checkpoints_are_read(tmp_path):
     w = {"w": torch.ones(3)}
-    torch.save({"epoch": 2, "name": "ViT-B-32", "state_dict": {"module.w": w["w"]}}, tmp_path / "oc.pt")
-    oc = checkpoints.read(str(tmp_path / "oc.pt"))
+    # open_clip_train's layout: {logs}/{name}/checkpoints/epoch_N.pt, the model named in {name}/params.txt
+    (tmp_path / "oc" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "oc" / "params.txt").write_text("batch_size: 8\nmodel: ViT-B-32\nname: oc\n")
+    torch.save({"epoch": 2, "name": "oc", "state_dict": {"module.w": w["w"]}}, tmp_path / "oc/checkpoints/epoch_2.pt")
+    oc = checkpoints.read(str(tmp_path / "oc/checkpoints/epoch_2.pt"))
     assert (oc.format, oc.epoch, oc.model_name, list(oc.model)) == ("open_clip_train", 2, "ViT-B-32", ["w"])
     torch.save({"format": checkpoints.FORMAT_V1, "step": 5, "epoch": 0, "model": w, "optimizer": {},
                 "rng": {"torch": torch.get_rng_state()}, "data_state": {"epoch": 0, "batches": 5}},

@@ -130,7 +130,8 @@ def test_yaml_values_convert_like_flags(tmp_path, train_shards):
 
 @pytest.mark.parametrize("line, message", [
     ("device: gpu", "device: 'gpu' is not one of auto, cpu, cuda"),
-    ("precision: fp16", "precision: 'fp16' is not one of amp, amp_bf16, bf16, fp32"),
+    ("precision: fp8", "precision: 'fp8' is not one of amp, amp_bf16, amp_bfloat16, bf16, fp16, pure_bf16, "
+                       "pure_fp16, fp32"),
     ("lr_scheduler: linear", "lr_scheduler: 'linear' is not one of cosine, const, const-cooldown"),
     ("batch_size: 6.5", "batch_size: 6.5 is not an integer"),
     ("lock_image: sometimes", "lock_image: 'sometimes' is not true or false"),

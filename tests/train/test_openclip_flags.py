@@ -152,5 +152,6 @@ def test_combinations_that_cannot_work_are_errors(capsys, argv, message):
 def test_csv_without_the_caption_column_is_named(capsys, tmp_path):
     table = tmp_path / "train.csv"
     table.write_text("filepath\ttext\na.jpg\ta cat\n")
-    err = _stage_error(capsys, "--dataset-type", "csv", "--train-data", str(table))
+    # the table is read where the data is probed: in set-up and under --check-config
+    err = _stage_error(capsys, "--check-config", "--dataset-type", "csv", "--train-data", str(table))
     assert "no column 'title'" in err and "--csv-caption-key" in err
