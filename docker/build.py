@@ -222,6 +222,18 @@ class Engine:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+        self._unmount_leftovers()
+
+    def _unmount_leftovers(self) -> None:
+        """dockerd leaves its network namespace (exec/netns/default) mounted: unmount what it left."""
+        exec_root = str((self.folder / "exec").resolve())
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = [line.split()[1] for line in f]
+        except OSError:
+            return
+        for point in sorted((m for m in mounts if m.startswith(exec_root + "/")), key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
