@@ -159,7 +159,7 @@ def build_pytorchjob(job: TrainJob) -> kf.KubeflowOrgV1PyTorchJob:
     if job.elastic:
         elastic = kf.KubeflowOrgV1ElasticPolicy(
             min_replicas=job.elastic_min_nodes, max_replicas=job.nodes, max_restarts=job.max_restarts,
-            rdzv_backend="c10d")
+            rdzv_backend="c10d", rdzv_id=job.name)  # torchrun's job id: every restart agrees on it
     return kf.KubeflowOrgV1PyTorchJob(
         api_version=API_VERSION, kind="PyTorchJob",
         metadata=k8s.V1ObjectMeta(name=job.name, namespace=job.namespace, labels=_job_labels(job)),
