@@ -32,12 +32,28 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged, not the stream it was at set-up
+    (a stage run in-process, by a notebook or a test harness, may have swapped and closed it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(stage: str, run_id: str, rank: int = 0, level: str = "INFO") -> logging.Logger:
     """Configure the root logger once per process; every line names the stage, run and rank."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.addFilter(_ContextFilter(stage, run_id, rank))
     handler.setFormatter(_RedactingFormatter(FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
     root.addHandler(handler)
