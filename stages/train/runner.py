@@ -326,6 +326,9 @@ def _after_step(s: Session, out: StepOutcome, lr: float, waited: float, seconds:
     every_epochs = lambda n: bool(n) and epoch_done and (p.epoch + 1) % n == 0  # noqa: E731
     s.checkpoints.check()  # a background write that failed for good stops the run here
     if s.checkpoints.due(p.step, last) or every_epochs(cfg.save_frequency):  # before validation: a failing validation loses no checkpoint
+        # at most one write in flight: rank 0 waits out the previous one while the others wait on
+        # the store, not in the save's collective (a slow store must not time the collective out)
+        main_only(s.watchdog, s.info, "checkpoint", f"before-{p.step}", s.checkpoints.wait)
         with s.watchdog.phase("checkpoint"):  # every rank hands over its data position and RNG
             _save(s, epoch_done=epoch_done)
         if last:  # rank 0 waits for the write; the others wait on the store, not in a collective

@@ -59,7 +59,7 @@ def test_card_config_run_record_and_logs_carry_no_secrets_or_internal_endpoints(
 
         root, run = f"{s3}/runs", f"{s3}/runs/r1"
         common = ["--root", root, "--run-id", "r1", "--pushgateway", pushgateway]
-        logs = _stage("download", [*common, "--url-list", presigned, "--samples-per-shard", "24",
+        logs = _stage("download", [*common, "--url-list", presigned, "--allow-private-networks", "--samples-per-shard", "24",
                                    "--processes", "1", "--threads", "4", "--image-size", "32"], env)
         logs += _stage("train", [*common, "--train-data", f"{run}/data", "--model", "clipforge-micro",
                                  "--batch-size", "8", "--steps", "2", "--warmup", "1", "--workers", "0",

@@ -33,6 +33,21 @@ def _commands(built) -> dict[tuple[str, tuple[str, ...]], str]:
     return found
 
 
+def _make_eval_inputs(argv: list[str], make_shards, made: set) -> None:
+    from tests.evaluate.evalkit import write_classification_set
+
+    for i, word in enumerate(argv[:-1]):
+        if word == "--eval-data":
+            for entry in argv[i + 1].split(","):
+                uri = entry.split("=", 1)[-1]
+                if uri not in made:
+                    write_classification_set(uri)
+                    made.add(uri)
+        if word == "--val-data" and argv[i + 1] not in made and "://" in argv[i + 1]:
+            make_shards(argv[i + 1], n_samples=8, samples_per_shard=8, image_size=32, val_samples=4)
+            made.add(argv[i + 1])
+
+
 def test_every_manifest_command_passes_the_stages_config_check(built, s3, cli_env):
     commands = _commands(built)
     assert {stage for stage, _ in commands} == {"download", "train", "evaluate"}
@@ -46,6 +61,8 @@ def test_every_manifest_command_passes_the_stages_config_check(built, s3, cli_en
                 if source not in made:
                     make_shards(source, n_samples=8, samples_per_shard=8, image_size=32, val_samples=4)
                     made.add(source)
+        if stage == "evaluate":  # --check-config reads the first samples of each set: make them
+            _make_eval_inputs(argv, make_shards, made)
         proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", *argv, "--check-config"],
                               env=cli_env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{where}: clipforge {stage} rejects its flags:\n{proc.stderr[-2000:]}"

@@ -52,6 +52,9 @@ def test_step_commands_pass_the_stages_config_check(s3, capfd, tmp_path):
     assert ckpt == f"{root}/{run_id}/checkpoints/LATEST"
     assert '"steps": 5' in capfd.readouterr().out
 
+    from tests.evaluate.evalkit import write_classification_set
+
+    write_classification_set(demo_eval.split("=", 1)[1])  # --check-config reads its first samples
     metrics, table = Metrics(name="m", uri=str(tmp_path / "m")), Markdown(name="t", uri=str(tmp_path / "t"))
     results = components.evaluate(root=root, run_id=run_id, checkpoint=ckpt, eval_data="", demo_eval=demo_eval,
                                   val_data=data, options={"batch_size": "8.0", "workers": "0.0"},

@@ -127,8 +127,7 @@ def test_csv_image_that_cannot_be_read_is_named(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "pure_bf16", "amp_bfloat16"])
 def test_bf16_precisions_train_on_cpu(precision):
     """open_clip_train's bf16 modes: weights cast (bf16/pure_bf16) or autocast (amp_bfloat16), finite losses."""
-    from stages.train.distributed import DistInfo
-
+    from stages.common.distributed import DistInfo
     from stages.train.loop import TrainStep
     from stages.train.loss import create_loss
     from stages.train.optim import create_optimizer

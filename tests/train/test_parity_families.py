@@ -36,8 +36,7 @@ def config(model: str, accum: int, **kw):
 
 
 def clipforge_losses(model, batches, cfg, teacher=None) -> list[float]:
-    from stages.train.distributed import DistInfo
-
+    from stages.common.distributed import DistInfo
     from stages.train.loop import TrainStep
     from stages.train.loss import create_loss
     from stages.train.optim import create_optimizer, create_scheduler
