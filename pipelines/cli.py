@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     submit.add_argument("--experiment", default="clipforge")
     submit.add_argument("--run-name", default="")
-    submit.add_argument("--service-account", default="clipforge-launcher",
-                        help="service account of the steps (the train step creates PyTorchJobs)")
+    submit.add_argument("--service-account", default=None,
+                        help="the run's service account (default: the installation's pipeline runner); it needs "
+                             "no clipforge rights: the train step alone mounts the launcher's token")
     submit.add_argument("--package", default="", help="a compiled pipeline YAML (default: compile now)")
     submit.add_argument("--kfp-namespace", default=None,
                         help="Kubeflow profile namespace of the run (multi-user installs)")

@@ -7,6 +7,10 @@ from kubernetes import client as k8s
 from pipelines import podspec
 
 LAUNCHER_SA = "clipforge-launcher"
+# The launcher's API token as a Secret: Kubernetes fills it (token, ca.crt, namespace) for LAUNCHER_SA,
+# and only the pipeline's train step mounts it (jobapi.LAUNCHER_TOKEN_DIR), so the run's own account
+# needs no clipforge rights and the other steps cannot create jobs.
+LAUNCHER_TOKEN_SECRET = "clipforge-launcher-token"
 _LABELS = {"app.kubernetes.io/name": "clipforge"}
 
 
@@ -30,11 +34,18 @@ LAUNCHER_RULES = (
 
 
 def launcher_rbac(ns: str) -> list:
-    """The train step's identity: PyTorchJobs (create, get, delete) and its pods' logs, nothing else."""
+    """The train step's identity: PyTorchJobs (create, get, delete) and its pods' logs, nothing else.
+
+    The account mounts no token anywhere by itself; its token Secret is mounted by the train step only.
+    """
     rules = [k8s.V1PolicyRule(api_groups=[group], resources=[resource], verbs=list(verbs))
              for group, resource, verbs in LAUNCHER_RULES]
     return [
-        k8s.V1ServiceAccount(api_version="v1", kind="ServiceAccount", metadata=_meta(LAUNCHER_SA, ns)),
+        k8s.V1ServiceAccount(api_version="v1", kind="ServiceAccount", metadata=_meta(LAUNCHER_SA, ns),
+                             automount_service_account_token=False),
+        k8s.V1Secret(api_version="v1", kind="Secret", type="kubernetes.io/service-account-token",
+                     metadata=k8s.V1ObjectMeta(name=LAUNCHER_TOKEN_SECRET, namespace=ns, labels=dict(_LABELS),
+                                               annotations={"kubernetes.io/service-account.name": LAUNCHER_SA})),
         k8s.V1Role(api_version="rbac.authorization.k8s.io/v1", kind="Role",
                    metadata=_meta(LAUNCHER_SA, ns), rules=rules),
         k8s.V1RoleBinding(

@@ -7,6 +7,8 @@ launcher needs to tell them apart, so it calls the CustomObjects and CoreV1 APIs
 
 from __future__ import annotations
 
+import os
+
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
@@ -18,19 +20,34 @@ JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+# Where the pipeline's train step mounts the launcher's token Secret (cluster.LAUNCHER_TOKEN_SECRET).
+LAUNCHER_TOKEN_DIR = "/var/run/secrets/clipforge/launcher"
 
 
-def api_client(configuration: k8s.Configuration | None = None) -> k8s.ApiClient:
-    """In a pod: its service account; elsewhere: the kubeconfig; in tests: the given configuration."""
+def api_client(configuration: k8s.Configuration | None = None, token_dir: str | None = None) -> k8s.ApiClient:
+    """The launcher's token when mounted; else the pod's service account; else the kubeconfig.
+
+    In tests: the given configuration. The token is re-read as it is rotated, as in-cluster config does.
+    """
     if configuration is None:
-        from kubernetes import config
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        configuration = k8s.Configuration.get_default_copy()
+        configuration = _configuration(token_dir or os.environ.get("CLIPFORGE_LAUNCHER_TOKEN_DIR", LAUNCHER_TOKEN_DIR))
     return k8s.ApiClient(configuration)
+
+
+def _configuration(token_dir: str) -> k8s.Configuration:
+    from kubernetes import config
+    from kubernetes.config.incluster_config import InClusterConfigLoader
+
+    configuration = k8s.Configuration()
+    if os.path.exists(os.path.join(token_dir, "token")):
+        InClusterConfigLoader(token_filename=os.path.join(token_dir, "token"),
+                              cert_filename=os.path.join(token_dir, "ca.crt")).load_and_set(configuration)
+        return configuration
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    return configuration
 
 
 def is_transient(exc: Exception) -> bool:

@@ -1,9 +1,12 @@
-"""NetworkPolicies of `k8s/base`: what the download and trainer pods may reach, and who reaches them.
+"""NetworkPolicies of `k8s/base`: what each stage's pods may reach, and who reaches them.
 
 - download pods: egress to the internet (the URL list's sites) and to the object store, DNS and the
   Pushgateway; never to cluster-internal ranges or the cloud metadata address; no ingress.
 - trainer pods (the PyTorchJob's): ingress only from their peers (rendezvous, gloo/NCCL) and the
   metrics scraper on the metrics ports; egress to peers, DNS, the object store and the Pushgateway.
+- evaluate pods: no ingress; egress to DNS, the object store and the Pushgateway only.
+- export pods: no ingress; egress to DNS, the object store, the Pushgateway and the Hugging Face Hub
+  (HTTPS to the internet, never to cluster-internal ranges or the metadata address).
 
 The object store and the scraper are found by namespace (`OBJECT_STORE_NAMESPACE`,
 `SCRAPER_NAMESPACE`); an overlay patches them where a cluster names them otherwise. An external
@@ -84,5 +87,19 @@ def trainer_policy(ns: str, max_procs_per_node: int = 8) -> k8s.V1NetworkPolicy:
         egress=[k8s.V1NetworkPolicyEgressRule(to=[peers]), _dns(), *_store_and_pushgateway()]))
 
 
+def evaluate_policy(ns: str) -> k8s.V1NetworkPolicy:
+    return _policy("clipforge-evaluate", ns, k8s.V1NetworkPolicySpec(
+        pod_selector=_component("evaluate"), policy_types=["Ingress", "Egress"], ingress=[],
+        egress=[_dns(), *_store_and_pushgateway()]))
+
+
+def export_policy(ns: str) -> k8s.V1NetworkPolicy:
+    """The Hub is reached over HTTPS only: `push_to_hub` is the one call that leaves the cluster."""
+    hub = k8s.V1NetworkPolicyEgressRule(to=internet(), ports=[k8s.V1NetworkPolicyPort(protocol="TCP", port=443)])
+    return _policy("clipforge-export", ns, k8s.V1NetworkPolicySpec(
+        pod_selector=_component("export"), policy_types=["Ingress", "Egress"], ingress=[],
+        egress=[_dns(), *_store_and_pushgateway(), hub]))
+
+
 def network_policies(ns: str) -> list[k8s.V1NetworkPolicy]:
-    return [download_policy(ns), trainer_policy(ns)]
+    return [download_policy(ns), trainer_policy(ns), evaluate_policy(ns), export_policy(ns)]

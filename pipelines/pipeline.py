@@ -15,13 +15,16 @@ from kfp import kubernetes as kfk
 from kfp.dsl import Markdown, Metrics, Model
 
 from pipelines import podspec
+from pipelines.cluster import LAUNCHER_TOKEN_SECRET
 from pipelines.components import make_components
 from pipelines.images import image
+from pipelines.jobapi import LAUNCHER_TOKEN_DIR
 
 PIPELINE_NAME = "clipforge"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_CONFIG_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "PUSHGATEWAY_URL")
 DESCRIPTION = "Download, train, evaluate and export an OpenCLIP model"
+KFP_ARTIFACT_ROOTS = {"kfp-gcs": "/gcs", "kfp-minio": "/minio", "kfp-s3": "/s3"}
 HF_SECRET = "clipforge-hf"  # optional: HF_TOKEN for --push-to-hub
 # the train step's pod owns its PyTorchJob when both share a namespace
 POD_ENV = {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid", "POD_NAMESPACE": "metadata.namespace"}
@@ -134,6 +137,8 @@ def build_pipeline(registry: str = "", tag: str = "", image_pull_policy: str = "
         for name, task in steps_by_name.items():
             _cluster_settings(task.set_display_name(name.replace("_", "-")), image_pull_policy, sizes[name])
         kfk.use_secret_as_env(exported, HF_SECRET, {"HF_TOKEN": "HF_TOKEN"}, optional=True)
+        # Only the train step holds the launcher's API token: the run's account needs no rights of ours.
+        kfk.use_secret_as_volume(trained, secret_name=LAUNCHER_TOKEN_SECRET, mount_path=LAUNCHER_TOKEN_DIR)
         for env, field in POD_ENV.items():
             kfk.use_field_path_as_env(trained, env_name=env, field_path=field)
         for task in (trained, evaluated):
@@ -162,3 +167,7 @@ def _cluster_settings(task, image_pull_policy: str, size: StepSize) -> None:
                              run_as_non_root=True)
     for name, (path, limit) in podspec.WRITABLE_DIRS.items():  # what a read-only root filesystem needs
         kfk.empty_dir_mount(task, volume_name=name, mount_path=path, size_limit=limit)
+    # KFP stages output artifacts under these local roots before uploading them (kfp.dsl.types.
+    # artifact_types' mount prefixes): with a read-only root enforced by admission they must be writable.
+    for name, path in KFP_ARTIFACT_ROOTS.items():
+        kfk.empty_dir_mount(task, volume_name=name, mount_path=path, size_limit="1Gi")

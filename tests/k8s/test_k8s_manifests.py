@@ -21,15 +21,15 @@ CORE_KINDS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "C
 @pytest.mark.parametrize("rel", DIRS)
 def test_each_directory_builds_the_whole_system(built, rel):
     kinds = sorted(obj["kind"] for obj in built[rel])
-    assert kinds == sorted(["Namespace", *["ServiceAccount"] * 5, "Role", "RoleBinding", "Secret", "ConfigMap",
-                            "Job", "Job", "PyTorchJob", "NetworkPolicy", "NetworkPolicy"])
+    assert kinds == sorted(["Namespace", *["ServiceAccount"] * 5, "Role", "RoleBinding", "Secret", "Secret",
+                            "ConfigMap", "Job", "Job", "PyTorchJob", *["NetworkPolicy"] * 4])
     assert {obj["metadata"].get("namespace") for obj in built[rel] if obj["kind"] != "Namespace"} == {"clipforge"}
 
 
 @pytest.mark.parametrize("rel", DIRS)
 def test_core_objects_validate_strictly(built, rel):
     core = [obj for obj in built[rel] if obj["kind"] in CORE_KINDS]
-    assert len(core) == 14
+    assert len(core) == 17
     for obj in core:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
@@ -160,7 +160,11 @@ def test_rbac_lets_the_launcher_manage_pytorchjobs_and_read_logs(built):
 
 
 def test_secret_template_holds_no_values(built):
-    (secret,) = [o for o in built["base"] if o["kind"] == "Secret"]
+    secrets = {o["type"]: o for o in built["base"] if o["kind"] == "Secret"}
+    assert set(secrets) == {"Opaque", "kubernetes.io/service-account-token"}
+    token = secrets["kubernetes.io/service-account-token"]  # Kubernetes fills it in the cluster
+    assert "data" not in token and "stringData" not in token
+    secret = secrets["Opaque"]
     assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert all(value == "" for value in secret["stringData"].values())
     assert "data" not in secret

@@ -32,6 +32,8 @@ KUBE_DNS = Peer("kube-system", {"k8s-app": "kube-dns"})
 PUSHGATEWAY = Peer(NS, {"app.kubernetes.io/name": "clipforge-pushgateway"})
 PROMETHEUS = Peer("monitoring", {"app.kubernetes.io/name": "prometheus"})
 OTHER_APP = Peer("default", {"app": "web"})
+EVALUATE = Peer(NS, {"app.kubernetes.io/name": "clipforge", "app.kubernetes.io/component": "evaluate"})
+EXPORT = Peer(NS, {"app.kubernetes.io/name": "clipforge", "app.kubernetes.io/component": "export"})
 
 
 def _selects(selector: dict | None, labels: dict) -> bool:
@@ -77,7 +79,8 @@ def reaches(policies: list[dict], src: Peer, dst: Peer, port: int, protocol: str
 @pytest.fixture(scope="module")
 def policies(built) -> list[dict]:
     found = [o for o in built["base"] if o["kind"] == "NetworkPolicy"]
-    assert {p["metadata"]["name"] for p in found} == {"clipforge-download", "clipforge-trainer"}
+    assert {p["metadata"]["name"] for p in found} == {"clipforge-download", "clipforge-trainer", "clipforge-evaluate",
+                                                         "clipforge-export"}
     return found
 
 
@@ -124,3 +127,19 @@ def test_trainer_pods_reach_peers_and_the_store_but_not_the_metadata_address(pol
 def test_the_evaluator_itself_allows_what_no_policy_selects(policies):
     assert reaches(policies, OTHER_APP, Peer(ip="169.254.169.254"), 80)  # not ours: no policy applies
     assert reaches([], DOWNLOAD, Peer(ip="169.254.169.254"), 80)
+
+
+def test_evaluate_pods_reach_only_the_store_dns_and_pushgateway(policies):
+    assert reaches(policies, EVALUATE, MINIO, 9000) and reaches(policies, EVALUATE, PUSHGATEWAY, 9091)
+    assert reaches(policies, EVALUATE, KUBE_DNS, 53, "UDP")
+    for ip in ("93.184.215.14", "169.254.169.254", "10.96.0.1"):
+        assert not reaches(policies, EVALUATE, Peer(ip=ip), 443)
+    assert not reaches(policies, EVALUATE, TRAINER, 29500) and not reaches(policies, OTHER_APP, EVALUATE, 80)
+
+
+def test_export_pods_reach_the_hub_over_https_but_not_cluster_ranges(policies):
+    assert reaches(policies, EXPORT, Peer(ip="18.164.174.10"), 443)  # huggingface.co lives on the internet
+    assert not reaches(policies, EXPORT, Peer(ip="18.164.174.10"), 80)
+    for ip in ("169.254.169.254", "fd00:ec2::254", "10.96.0.1", "192.168.1.1"):
+        assert not reaches(policies, EXPORT, Peer(ip=ip), 443)
+    assert reaches(policies, EXPORT, MINIO, 9000) and not reaches(policies, OTHER_APP, EXPORT, 80)

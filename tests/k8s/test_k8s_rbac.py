@@ -12,7 +12,7 @@ import re
 import threading
 import time
 
-from pipelines import cluster, podspec
+from pipelines import cluster, jobapi, podspec
 from pipelines.launcher import Launch, run_pytorchjob
 from pipelines.pytorchjob import TrainJob
 from tests.pipelines.k8s_standin import StandInApiServer
@@ -80,3 +80,55 @@ def test_only_the_launcher_has_a_role_and_workloads_mount_no_token():
     assert set(accounts) == {cluster.LAUNCHER_SA, *podspec.SERVICE_ACCOUNTS.values()}
     for name in podspec.SERVICE_ACCOUNTS.values():
         assert accounts[name].automount_service_account_token is False
+
+
+def _self_signed(folder) -> tuple[str, str]:
+    """A certificate for 127.0.0.1, as a cluster's CA would issue the API server's."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "ca.crt", folder / "server.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+def test_the_train_step_calls_the_api_with_the_mounted_launcher_token(tmp_path, monkeypatch):
+    """The Secret's files, as Kubernetes fills them and the train step mounts them, over TLS."""
+    token_dir = tmp_path / "launcher"
+    token_dir.mkdir()
+    cert, key = _self_signed(token_dir)
+    (token_dir / "token").write_text("launcher-token-value")
+    with StandInApiServer(tls=(cert, key)) as api:
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.port))
+        monkeypatch.setenv("CLIPFORGE_LAUNCHER_TOKEN_DIR", str(token_dir))
+        api.put_job("clipforge-train-y", "Created")
+        job = jobapi.JobApi(jobapi.api_client(), "clipforge-train-y", NS).get()
+    assert job["metadata"]["name"] == "clipforge-train-y"
+    (scheme, token), = [a.split(" ", 1) for a in api.authorizations]  # HTTP auth schemes ignore case
+    assert (scheme.lower(), token) == ("bearer", "launcher-token-value")
+
+
+def test_the_launcher_token_secret_belongs_to_the_launcher_account_only():
+    (secret,) = [o for o in cluster.launcher_rbac(NS) if o.kind == "Secret"]
+    assert secret.metadata.name == cluster.LAUNCHER_TOKEN_SECRET
+    assert secret.type == "kubernetes.io/service-account-token"
+    assert secret.metadata.annotations == {"kubernetes.io/service-account.name": cluster.LAUNCHER_SA}
+    (account,) = [o for o in cluster.launcher_rbac(NS) if o.kind == "ServiceAccount"]
+    assert account.automount_service_account_token is False  # only the mounted Secret carries it

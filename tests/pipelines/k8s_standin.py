@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -28,11 +29,13 @@ def _now() -> str:
 
 
 class StandInApiServer:
-    def __init__(self):
+    def __init__(self, tls: tuple[str, str] | None = None):
+        """`tls`: (certificate, key) files to serve HTTPS, as a real API server does."""
         self.jobs: dict[str, dict] = {}
         self.pods: dict[str, dict] = {}
         self.logs: dict[tuple[str, int], list[str]] = {}  # (pod, restart count) -> lines
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status answered)
+        self.authorizations: list[str] = []  # the Authorization header of each request
         self.down_until = 0.0
         self.lock = threading.Lock()
         self._pod_seq = 0
@@ -55,7 +58,12 @@ class StandInApiServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self):
@@ -143,6 +151,8 @@ class StandInApiServer:
     # --- the REST API --------------------------------------------------------------------------
     def _handle(self, req: BaseHTTPRequestHandler, method: str) -> None:
         url = urlparse(req.path)
+        with self.lock:
+            self.authorizations.append(req.headers.get("Authorization", ""))
         if time.monotonic() < self.down_until:
             return self._answer(req, method, url.path, 503, _status(503, "ServiceUnavailable", "API restarting"))
         if m := JOBS.match(url.path):

@@ -153,8 +153,13 @@ def test_cluster_settings_of_the_steps(tmp_path):
         assert ex["configMapAsEnv"][0]["keyToEnv"][0]["envVar"] == "AWS_ENDPOINT_URL"
         assert ex["securityContext"] == {"runAsUser": "1000", "runAsGroup": "1000", "runAsNonRoot": True}
         # the only writable paths under a read-only root filesystem, as in k8s/ and the container test
+        # (and KFP's local artifact roots, written before upload)
         assert {(m["mountPath"], m.get("sizeLimit")) for m in ex["emptyDirMounts"] if "medium" not in m} == {
-            ("/tmp", "4Gi"), ("/home/clipforge", "4Gi")}
+            ("/tmp", "4Gi"), ("/home/clipforge", "4Gi"), ("/gcs", "1Gi"), ("/minio", "1Gi"), ("/s3", "1Gi")}
+        # no step but train holds the launcher's API token
+        mounted = {v["secretName"]: v["mountPath"] for v in ex.get("secretAsVolume", [])}
+        assert mounted == ({"clipforge-launcher-token": "/var/run/secrets/clipforge/launcher"}
+                           if step == "train" else {}), step
     for step in ("train", "evaluate"):
         assert {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"} in \
             executors[f"exec-{step}"]["emptyDirMounts"]
