@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines import cluster, netpolicy
+from pipelines import admission, cluster, netpolicy
 from pipelines.batchjobs import build_job
 from pipelines.podspec import to_dict
 from pipelines.presets import NAMESPACE, PRESETS
@@ -77,9 +77,20 @@ def _priority_classes(name: str) -> dict[str, str]:
     return {"priorityclass.yaml": _dump([to_dict(cluster.priority_class(wanted))])} if wanted else {}
 
 
+KFP_KUSTOMIZATION = """# Cluster-wide, once: a read-only root filesystem for clipforge's Kubeflow Pipelines steps
+# (Kubernetes 1.36+). Rendered by `clipforge pipeline render-k8s` (pipelines/admission.py).
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - readonly-root.yaml
+"""
+
+
 def rendered() -> dict[Path, str]:
     """Every generated file under k8s/, by path relative to k8s/."""
     out = {Path("base") / name: text for name, text in base_files().items()}
+    out[Path("kfp") / "readonly-root.yaml"] = _dump(admission.readonly_root_policy())
+    out[Path("kfp") / "kustomization.yaml"] = KFP_KUSTOMIZATION
     for overlay in OVERLAYS:
         files = {**overlay_files(overlay), **_priority_classes(overlay)}
         out.update({Path("overlays") / overlay / name: text for name, text in files.items()})

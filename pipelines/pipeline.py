@@ -15,6 +15,7 @@ from kfp import kubernetes as kfk
 from kfp.dsl import Markdown, Metrics, Model
 
 from pipelines import podspec
+from pipelines.admission import STEP_LABEL
 from pipelines.cluster import LAUNCHER_TOKEN_SECRET
 from pipelines.components import make_components
 from pipelines.images import image
@@ -136,6 +137,7 @@ def build_pipeline(registry: str = "", tag: str = "", image_pull_policy: str = "
                          "evaluate": evaluated, "export": exported}
         for name, task in steps_by_name.items():
             _cluster_settings(task.set_display_name(name.replace("_", "-")), image_pull_policy, sizes[name])
+            kfk.add_pod_label(task, STEP_LABEL, name.replace("_", "-"))  # k8s/kfp/ locks its root filesystem
         kfk.use_secret_as_env(exported, HF_SECRET, {"HF_TOKEN": "HF_TOKEN"}, optional=True)
         # Only the train step holds the launcher's API token: the run's account needs no rights of ours.
         kfk.use_secret_as_volume(trained, secret_name=LAUNCHER_TOKEN_SECRET, mount_path=LAUNCHER_TOKEN_DIR)

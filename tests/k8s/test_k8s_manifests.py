@@ -7,6 +7,7 @@ import copy
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 from k8skit import DIRS, K8S, KUBERNETES_VERSION, kustomize, pod_templates, pytorchjob_schema, webhook_errors
 
 from pipelines import manifests
@@ -173,3 +174,24 @@ def test_secret_template_holds_no_values(built):
 def test_checked_in_yaml_is_what_the_builder_renders():
     stale = [str(rel) for rel, text in manifests.rendered().items() if (K8S / rel).read_text() != text]
     assert not stale, f"k8s/ is stale, run `clipforge pipeline render-k8s`: {stale}"
+
+
+def test_kfp_steps_get_a_read_only_root_at_admission(tmp_path):
+    """k8s/kfp: Kubernetes' MutatingAdmissionPolicy (GA in 1.36) on the pods the pipeline labels."""
+    from pipelines import admission
+    from pipelines.cli import main as pipeline_main
+
+    policy, binding = kustomize(which("kubectl"), "kfp")
+    for obj in (policy, binding):
+        kubernetes_validate.validate(obj, "1.36.0", strict=True)
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    conditions = " ".join(c["expression"] for c in policy["spec"]["matchConditions"])
+    assert f"'{admission.STEP_LABEL}'" in conditions and "'main'" in conditions
+    (mutation,) = policy["spec"]["mutations"]
+    assert "readOnlyRootFilesystem: true" in mutation["applyConfiguration"]["expression"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    out = tmp_path / "p.yaml"
+    assert pipeline_main(["compile", "--output", str(out)]) == 0
+    _, platform = yaml.safe_load_all(out.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert executors and all(admission.STEP_LABEL in ex["podMetadata"]["labels"] for ex in executors.values())
