@@ -203,11 +203,12 @@ class TrainConfig(CommonConfig):
         from stages.common.models import resolve_model
 
         self.model = resolve_model(self.model or _hub_model(self.pretrained), self.model_config)
-        from stages.train.pretrained import check_pretrained
+        from stages.train.pretrained import check_pretrained, check_pretrained_image
         from stages.train.sources import check_sources
         from stages.train.zeroshot import open_sets
 
         check_pretrained(self)
+        check_pretrained_image(self)
         if check_sources(self):
             self._check_data(world_size or int(os.environ.get("WORLD_SIZE", "1")))
         open_sets(self)
