@@ -149,3 +149,11 @@ def test_reduced_precisions_train_on_cpu(precision):
     outcomes = [step([batch], s) for s in range(3)]
     assert all(o.finite for o in outcomes)
     assert not torch.equal(bundle.model.visual.conv1.weight, before)
+
+
+def test_bnb_linear_on_the_cpu_is_refused_before_the_model_is_built():
+    """bitsandbytes' SwitchBack layers are triton kernels for CUDA GPUs; a CPU run names that."""
+    from stages.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--use-bnb-linear SwitchBackLinear: .* CUDA GPUs only, and this run is on cpu"):
+        build(use_bnb_linear="SwitchBackLinear")
