@@ -140,7 +140,9 @@ for line in sys.stdin:
 class PreloadedStage:
     """Runs `clipforge train ARGS` commands one after another, each in a fresh process forked from
     one that has already imported the stage: what `python -m stages.train ARGS` runs, minus the
-    start-up. For test files that run many short commands; torchrun commands still launch."""
+    start-up. For test files that run many short commands; torchrun commands still launch. Each
+    command gets its own environment, except what a library reads when it is imported (e.g.
+    HF_HUB_OFFLINE, OMP_NUM_THREADS), which comes from the environment the server started with."""
 
     def __init__(self, env: dict) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", _PRELOAD], env=env, bufsize=0,
