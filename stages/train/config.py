@@ -113,7 +113,7 @@ class TrainConfig(CommonConfig):
     force_quick_gelu: bool = _f(False, "use QuickGELU (as OpenAI's models do)")
     force_custom_text: bool = _f(False, "build a CustomTextCLIP (separate text tower)")
     force_context_length: int | None = _f(None, "override the text context length")
-    use_bnb_linear: str = _f("", "replace linear layers with this bitsandbytes triton module (needs bitsandbytes)")
+    use_bnb_linear: str = _f("", "replace linear layers with this bitsandbytes triton SwitchBack layer (needs bitsandbytes<0.50 and a CUDA GPU)")
     # losses
     coca_caption_loss_weight: float = _f(2.0, "CoCa: weight of the caption loss")
     coca_contrastive_loss_weight: float = _f(1.0, "CoCa: weight of the contrastive loss")
@@ -203,11 +203,12 @@ class TrainConfig(CommonConfig):
         from stages.common.models import resolve_model
 
         self.model = resolve_model(self.model or _hub_model(self.pretrained), self.model_config)
-        from stages.train.pretrained import check_pretrained
+        from stages.train.pretrained import check_pretrained, check_pretrained_image
         from stages.train.sources import check_sources
         from stages.train.zeroshot import open_sets
 
         check_pretrained(self)
+        check_pretrained_image(self)
         if check_sources(self):
             self._check_data(world_size or int(os.environ.get("WORLD_SIZE", "1")))
         open_sets(self)

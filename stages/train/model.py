@@ -18,7 +18,7 @@ from stages.common.errors import DataError
 from stages.common.models import model_config
 from stages.train import pretrained
 from stages.train.config import TrainConfig
-from stages.train.openclip_flags import aug_cfg_dict
+from stages.train.openclip_flags import aug_cfg_dict, bnb_linear_class, check_bnb_device
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def random_seed(seed: int, rank: int = 0) -> None:
 
 def build_model(cfg: TrainConfig, device: torch.device, rank: int) -> ModelBundle:
     """The model on its device; identical initial weights on every rank (seeded before creation)."""
+    check_bnb_device(cfg.use_bnb_linear, device.type)
     random_seed(cfg.seed, 0)
     kwargs: dict[str, Any] = {}
     if cfg.siglip:  # SigLIP's initial temperature and bias, as open_clip_train sets them
@@ -125,10 +126,9 @@ def build_distill_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Modu
 
 
 def _bnb_linear(model: torch.nn.Module, module_name: str, device: torch.device) -> torch.nn.Module:
-    import bitsandbytes as bnb
     from open_clip.utils import replace_linear
 
-    replace_linear(model, getattr(bnb.nn.triton_based_modules, module_name))
+    replace_linear(model, bnb_linear_class(module_name))
     return model.to(device)
 
 

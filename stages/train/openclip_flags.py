@@ -140,9 +140,37 @@ def check_combinations(cfg: Any) -> None:
     _check_optimizer(cfg)
     _check_reporting(cfg)
     aug_cfg_dict(cfg.aug_cfg)
-    if cfg.use_bnb_linear and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"--use-bnb-linear {cfg.use_bnb_linear}: needs the bitsandbytes and triton "
-                          "packages (pip install bitsandbytes triton), which the train image does not ship")
+    if cfg.use_bnb_linear:
+        bnb_linear_class(cfg.use_bnb_linear)
+
+
+# bitsandbytes dropped its triton SwitchBack layers after 0.49; they run on CUDA GPUs only
+BNB_NEEDS = "bitsandbytes<0.50 (its triton SwitchBack layers) and a CUDA GPU"
+
+
+def bnb_linear_class(name: str) -> type:
+    """open_clip_train's `--use-bnb-linear NAME`: a class of bitsandbytes.nn.triton_based_modules."""
+    flag = f"--use-bnb-linear {name}"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{flag}: needs {BNB_NEEDS}; the bitsandbytes package is not installed "
+                          "(the train image does not ship it)")
+    import bitsandbytes
+
+    try:
+        module = importlib.import_module("bitsandbytes.nn.triton_based_modules")
+    except ImportError as exc:
+        raise ConfigError(f"{flag}: needs {BNB_NEEDS}; bitsandbytes {bitsandbytes.__version__} has no "
+                          f"triton_based_modules ({exc})") from exc
+    layers = sorted(n for n in dir(module) if n.endswith("Linear") and isinstance(getattr(module, n), type))
+    if name not in layers:
+        raise ConfigError(f"{flag}: not a layer of bitsandbytes.nn.triton_based_modules (its layers: {layers})")
+    return getattr(module, name)
+
+
+def check_bnb_device(name: str, device_type: str) -> None:
+    if name and device_type != "cuda":
+        raise ConfigError(f"--use-bnb-linear {name}: bitsandbytes' SwitchBack layers run triton kernels on "
+                          f"CUDA GPUs only, and this run is on {device_type}; leave the flag out")
 
 
 def _check_optimizer(cfg: Any) -> None:

@@ -44,6 +44,23 @@ def check_pretrained(cfg: Any) -> None:
         raise ConfigError(f"--model {cfg.model} and --pretrained {cfg.pretrained} name different Hub repos")
 
 
+def check_pretrained_image(cfg: Any) -> None:
+    """--pretrained-image needs a timm image tower: open_clip has ImageNet weights for those only.
+
+    open_clip (and open_clip_train) silently ignore the flag on other towers; here it is an error,
+    once the model name is resolved. timm reads the weights from the Hugging Face cache
+    (HF_HOME/HF_HUB_CACHE, HF_HUB_OFFLINE), not from --cache-dir, which open_clip does not pass on.
+    """
+    if not cfg.pretrained_image or cfg.model.startswith((HF_HUB, "local-dir:")):
+        return
+    from stages.common.models import model_config
+
+    if "timm_model_name" not in model_config(cfg.model).get("vision_cfg", {}):
+        raise ConfigError(f"--pretrained-image: the image tower of {cfg.model} is not a timm model, and "
+                          "open_clip has ImageNet weights for timm towers only; drop the flag or choose a "
+                          "model with a timm tower (e.g. convnext_base)")
+
+
 def open_clip_args(model: str, spec: str) -> tuple[str, str | None]:
     """(model name, pretrained) for open_clip.create_model: released weights are open_clip's to load."""
     if spec.startswith(HF_HUB) and (not model or model == spec):

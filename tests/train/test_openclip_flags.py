@@ -143,7 +143,10 @@ def test_refused_flags_stop_with_our_equivalent(capsys, theirs, name):
     (["--aug-cfg", "scale"], "expected KEY=VALUE"),
     (["--force-image-size", "1", "2", "3"], "give one size or H W"),
     (["--model", "ViT-B-32", "--pretrained", "no_such_tag"], "not a released tag of ViT-B-32"),
-    (["--use-bnb-linear", "SwitchBackLinear"], "needs the bitsandbytes and triton packages"),
+    # with the model resolved (in set-up, and under --check-config)
+    (["--check-config", "--pretrained-image"], "--pretrained-image: the image tower of clipforge-micro is not a timm"),
+    (["--use-bnb-linear", "SwitchBackLinear"],
+     "needs bitsandbytes<0.50 (its triton SwitchBack layers) and a CUDA GPU; the bitsandbytes package is not"),
 ])
 def test_combinations_that_cannot_work_are_errors(capsys, argv, message):
     assert message in _stage_error(capsys, *argv)

@@ -124,21 +124,36 @@ def test_csv_image_that_cannot_be_read_is_named(tmp_path):
         ds[0]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "pure_bf16", "amp_bfloat16"])
-def test_bf16_precisions_train_on_cpu(precision):
-    """open_clip_train's bf16 modes: weights cast (bf16/pure_bf16) or autocast (amp_bfloat16), finite losses."""
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16, "amp_bfloat16": torch.float32,
+                 "fp16": torch.float16, "pure_fp16": torch.float16, "amp": torch.float32}
+
+
+@pytest.mark.parametrize("precision", sorted(WEIGHT_DTYPES))
+def test_reduced_precisions_train_on_cpu(precision):
+    """open_clip_train's bf16/fp16 modes on this torch's CPU kernels: weights cast (bf16, pure_*, fp16)
+    or autocast (amp_bfloat16; amp with its GradScaler), finite losses, and the weights move."""
     from stages.common.distributed import DistInfo
     from stages.train.loop import TrainStep
     from stages.train.loss import create_loss
     from stages.train.optim import create_optimizer
 
-    c = cfg(precision=precision, batch_size=4)
+    c = cfg(precision=precision, batch_size=4, lr=1e-3)
     bundle = build(precision=precision, batch_size=4)
-    weight_dtype = bundle.model.visual.conv1.weight.dtype
-    assert weight_dtype == (torch.float32 if precision == "amp_bfloat16" else torch.bfloat16)
+    assert bundle.model.visual.conv1.weight.dtype == WEIGHT_DTYPES[precision]
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    step = TrainStep(bundle.model, create_loss(c, info), create_optimizer(bundle.model, c), None,
+    scaler = torch.amp.GradScaler("cpu") if precision == "amp" else None
+    step = TrainStep(bundle.model, create_loss(c, info), create_optimizer(bundle.model, c), scaler,
                      precision=precision, grad_clip_norm=1.0, info=info)
+    before = bundle.model.visual.conv1.weight.detach().clone()
     batch = (torch.randn(4, 3, 32, 32), bundle.tokenizer(["a", "b", "c", "d"]))
-    outcomes = [step([batch], s) for s in range(2)]
+    outcomes = [step([batch], s) for s in range(3)]
     assert all(o.finite for o in outcomes)
+    assert not torch.equal(bundle.model.visual.conv1.weight, before)
+
+
+def test_bnb_linear_on_the_cpu_is_refused_before_the_model_is_built():
+    """bitsandbytes' SwitchBack layers are triton kernels for CUDA GPUs; a CPU run names that."""
+    from stages.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--use-bnb-linear SwitchBackLinear: .* CUDA GPUs only, and this run is on cpu"):
+        build(use_bnb_linear="SwitchBackLinear")

@@ -1,4 +1,5 @@
-"""Every open_clip_train precision mode on a GPU: a few steps through the real stage, finite losses."""
+"""Every open_clip_train precision mode on a GPU: a few steps through the real stage, finite losses;
+and --no-set-device-rank's device choice."""
 
 from __future__ import annotations
 
@@ -18,3 +19,13 @@ def test_precision_modes_on_cuda(tmp_path, cli_env, precision):
     assert rc == 0, out
     losses = [loss for _, _, loss in step_lines(out)]
     assert len(losses) == 3 and all(loss == loss for loss in losses)  # no NaN
+
+
+@pytest.mark.gpu
+def test_no_set_device_rank_puts_every_rank_on_gpu_0():
+    """open_clip_train's --no-set-device-rank: each process sees its own GPU as device 0."""
+    import torch
+
+    from stages.common.distributed import pick_device
+
+    assert {pick_device("cuda", local_rank, same_device=True) for local_rank in (0, 1, 3)} == {torch.device("cuda", 0)}

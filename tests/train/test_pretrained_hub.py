@@ -1,5 +1,6 @@
-"""Released weights offline: `--pretrained hf-hub:ORG/REPO` and a released tag, from a prepared
-Hugging Face cache read by the real huggingface_hub with HF_HUB_OFFLINE=1 (no hub is reachable).
+"""Released weights offline: `--pretrained hf-hub:ORG/REPO`, a released tag and `--pretrained-image`,
+from a prepared Hugging Face cache read by the real huggingface_hub with HF_HUB_OFFLINE=1 (no hub is
+reachable).
 
 The cache is laid out as huggingface_hub writes it: `models--ORG--REPO/snapshots/<commit>/FILE`
 with `refs/main` naming the commit.
@@ -121,3 +122,50 @@ def test_released_tag_resolves_from_the_cache_offline(tmp_path, cli_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the openai tag's own preprocessing comes with it (OpenAI's mean, not open_clip's default)
     assert "LOADED" in proc.stdout and "0.48145466" in proc.stdout
+
+
+# A CLIP model whose image tower is timm's test_convnext: timm's own ImageNet weights for it live in
+# the Hub repo timm/test_convnext.r160_in1k, which is what --pretrained-image makes timm fetch.
+TIMM_MICRO = {"embed_dim": 32,
+              "vision_cfg": {"timm_model_name": "test_convnext", "timm_pool": "avg", "timm_proj": "linear",
+                             "image_size": 32},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+
+
+def timm_release(tmp: Path, seed: int) -> dict[str, bytes]:
+    """test_convnext's weights and config.json as timm publishes them (timm's own save_for_hf)."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    save_for_hf(timm.create_model("test_convnext.r160_in1k"), str(tmp / "release"), safe_serialization=True)
+    return {name: (tmp / "release" / name).read_bytes() for name in ("model.safetensors", "config.json")}
+
+
+def test_pretrained_image_loads_the_timm_tower_from_the_cache_offline(tmp_path, cli_env):
+    import open_clip
+
+    from stages.train.model import random_seed
+
+    hub = tmp_path / "hub"
+    snapshot = put_in_hf_cache(hub, "timm/test_convnext.r160_in1k", timm_release(tmp_path, seed=11))
+    config = tmp_path / "timm-micro.json"
+    config.write_text(json.dumps(TIMM_MICRO))
+    rc, out = run(stage_cmd(*SYNTHETIC, "--model", "timm-micro", "--model-config", str(config), "--pretrained-image",
+                            "--lr", "0", "--steps", "1", "--root", str(tmp_path / "runs"), "--run-id", "img"),
+                  offline_env(cli_env, HF_HUB_CACHE=str(hub)), tmp_path / "img.log", timeout=600)
+    assert rc == 0, out
+    state = load_checkpoint(str(tmp_path / "runs/img/checkpoints/step_1.pt"))["model"]
+    released = load_file(snapshot / "model.safetensors")
+    trunk = {k.removeprefix("visual.trunk."): v for k, v in state.items() if k.startswith("visual.trunk.")}
+    # every backbone tensor is timm's; only its ImageNet classifier is dropped for CLIP's projection
+    assert set(released) - set(trunk) == {"head.fc.weight", "head.fc.bias"} and set(trunk) <= set(released)
+    assert all(torch.equal(trunk[k], released[k]) for k in trunk)
+    # the text tower (and the projection) start as without the flag: the stage's seeded random init
+    open_clip.add_model_config(str(config))
+    random_seed(0)
+    fresh = open_clip.create_model("timm-micro").state_dict()
+    assert not torch.equal(fresh["visual.trunk.stem.0.weight"], released["stem.0.weight"])
+    rest = [k for k in state if not k.startswith("visual.trunk.")]
+    assert "text_projection" in rest and all(torch.equal(state[k], fresh[k]) for k in rest)
+

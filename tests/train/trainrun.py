@@ -103,3 +103,80 @@ def run_json(run_dir: Path) -> dict:
 
 def environ_without_dist() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "RANK", "WORLD_SIZE"))}
+
+
+# The server imports the stage once; each command then runs in a child forked from it, so a
+# command is its own process (its own exit code, globals and log file) without paying the
+# seconds of importing torch and open_clip again. Nothing has started a thread when it forks.
+_PRELOAD = r"""
+import json, os, sys, threading
+import stages.train.runner, tensorboard, wandb  # what `clipforge train` imports once it runs
+from stages.train.cli import main
+assert threading.active_count() == 1, threading.enumerate()
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.environ.clear()
+        os.environ.update(job["env"])
+        fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        try:
+            rc = main(job["argv"])
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            rc = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(rc)
+    print(pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+class PreloadedStage:
+    """Runs `clipforge train ARGS` commands one after another, each in a fresh process forked from
+    one that has already imported the stage: what `python -m stages.train ARGS` runs, minus the
+    start-up. For test files that run many short commands; torchrun commands still launch. Each
+    command gets its own environment, except what a library reads when it is imported (e.g.
+    HF_HUB_OFFLINE, OMP_NUM_THREADS), which comes from the environment the server started with."""
+
+    def __init__(self, env: dict) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _PRELOAD], env=env, bufsize=0,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._pending = b""
+
+    def run(self, args: list[str], env: dict, log: Path, timeout: float = 600) -> tuple[int, str]:
+        self.proc.stdin.write((json.dumps({"argv": args, "env": env, "log": str(log)}) + "\n").encode())
+        deadline = time.monotonic() + timeout
+        child = int(self._line(deadline, args))
+        try:
+            rc = int(self._line(deadline, args))
+        except AssertionError:
+            os.kill(child, signal.SIGKILL)
+            raise
+        return rc, log.read_text(errors="replace")
+
+    def _line(self, deadline: float, args: list[str]) -> bytes:
+        import select
+
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if self.proc.poll() is not None or left <= 0:
+                raise AssertionError(f"clipforge train {' '.join(args)}: no result in time (or the server ended)")
+            if select.select([self.proc.stdout], [], [], min(left, 1.0))[0]:
+                self._pending += os.read(self.proc.stdout.fileno(), 4096)
+        line, self._pending = self._pending.split(b"\n", 1)
+        return line
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
