@@ -125,7 +125,7 @@ class TrainConfig(CommonConfig):
     opt: str = _f("adamw", "optimizer: adamw, or any timm optimizer as timm/NAME (e.g. timm/lamb)")
     momentum: float | None = _f(None, "momentum (timm optimizers that take one)")
     skip_scheduler: bool = _f(False, "keep the LR at --lr: no warmup, no decay")
-    use_bn_sync: bool = _f(False, "SyncBatchNorm across ranks")
+    use_bn_sync: bool = _f(False, "SyncBatchNorm across ranks (GPUs; on the CPU, BatchNorm models are refused)")
     # data
     dataset_type: str = _f("auto", "webdataset, csv (a table of image paths and captions), synthetic "
                                    "(random images, for smoke tests), auto (csv for .csv/.tsv, else webdataset)",

@@ -14,7 +14,7 @@ import open_clip
 import torch
 
 from stages.common import checkpoints, storage
-from stages.common.errors import DataError
+from stages.common.errors import ConfigError, DataError
 from stages.common.models import model_config
 from stages.train import pretrained
 from stages.train.config import TrainConfig
@@ -173,6 +173,20 @@ def load_pretrained(model: torch.nn.Module, uri: str) -> None:
         raise DataError(f"--pretrained {uri} does not fit the model: missing {result.missing_keys[:5]}, "
                         f"unexpected {result.unexpected_keys[:5]}")
     log.info("loaded pretrained weights from %s", uri)
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """--use-bn-sync: torch's SyncBatchNorm, which runs on accelerators only.
+
+    On the CPU its first forward would fail deep in the step; a model with BatchNorm layers is a
+    ConfigError before the first step, and one without (ViTs) has nothing to convert.
+    """
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if device.type == "cpu":
+        raise ConfigError("--use-bn-sync: torch's SyncBatchNorm runs on GPUs only, and this model's "
+                          "BatchNorm layers would run on the CPU; drop the flag (BatchNorm then stays per rank)")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:

@@ -27,7 +27,7 @@ from stages.train.config import TrainConfig
 from stages.train.loop import NonFiniteGuard, StepOutcome, TrainStep, step_groups
 from stages.train.loss import create_loss
 from stages.train.metrics import TrainMetrics, flops_per_sample, peak_flops
-from stages.train.model import ModelBundle, build_distill_model, build_model, maybe_compile
+from stages.train.model import ModelBundle, build_distill_model, build_model, maybe_compile, sync_batchnorm
 from stages.train.reporting import Reporters
 from stages.train.rng import RNGState
 from stages.train.validate import evaluate
@@ -207,7 +207,7 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
         log.info("resumed from %s at step %d (epoch %d)", ckpt.uri, progress.step, progress.epoch)
         _log_layout_change(cfg, info, saved_layout, schedule, total_steps - progress.step)
     if cfg.use_bn_sync and info.distributed:
-        bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bundle.model)
+        bundle.model = sync_batchnorm(bundle.model, info.device)
     wrapped = bundle.model if cfg.fsdp else wrap_ddp(bundle.model, info, cfg.ddp_static_graph)
     model = maybe_compile(wrapped, cfg.torchcompile)
     val_data = None

@@ -157,3 +157,23 @@ def test_bnb_linear_on_the_cpu_is_refused_before_the_model_is_built():
 
     with pytest.raises(ConfigError, match="--use-bnb-linear SwitchBackLinear: .* CUDA GPUs only, and this run is on cpu"):
         build(use_bnb_linear="SwitchBackLinear")
+
+
+def test_bn_sync_on_the_cpu_is_refused_for_batchnorm_models_and_a_no_op_for_vits():
+    """torch's SyncBatchNorm fails in the first forward on the CPU; the stage says so before it."""
+    import open_clip
+
+    from stages.common.errors import ConfigError
+    from stages.train.model import sync_batchnorm
+
+    resnet = open_clip.CLIP(embed_dim=16, vision_cfg=open_clip.CLIPVisionCfg(layers=(1, 1, 1, 1), width=8,
+                                                                             image_size=32),
+                            text_cfg=open_clip.CLIPTextCfg(context_length=8, vocab_size=64, width=16, heads=2,
+                                                           layers=1))
+    with pytest.raises(ConfigError, match="--use-bn-sync.*GPUs only"):
+        sync_batchnorm(resnet, torch.device("cpu"))
+    vit = build().model
+    assert sync_batchnorm(vit, torch.device("cpu")) is vit
+    if torch.cuda.is_available():  # where it can run, BatchNorm becomes SyncBatchNorm
+        synced = sync_batchnorm(resnet, torch.device("cuda"))
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
