@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Callable
 
 from stages.common import storage
 
@@ -199,3 +200,53 @@ def write_probe_set(uri: str, train_per_class: int = 5, test_per_class: int = 3)
         samples = [{"__key__": f"{split}{label:02d}{i:03d}", "png": encode(square(name, base + i * 7 + label), "png"),
                     "cls": label} for label, name in enumerate(CLASSNAMES) for i in range(per)]
         _write_shards(uri, samples, 2, split)
+
+
+WINOGAVIL_SIZES = (5, 6, 10, 12, 5, 10)
+
+
+def write_winogavil_cache(cache_dir: str, sizes: tuple[int, ...] = WINOGAVIL_SIZES,
+                          edit: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """nlphuji/winogavil's test split as DataComp's downloader leaves it in <root>/hf_cache: a
+    Hugging Face datasets cache (arrow file + dataset_info.json) whose images are paths into the
+    cache's downloads/extracted folder, as the dataset's loading script stored them. `edit` may
+    change the rows (drop a column, break an example) before they are written. Returns the rows."""
+    import os
+
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    rng = random.Random(7)
+    images_dir = os.path.join(cache_dir, "downloads", "extracted", "0f1e2d", "winogavil_images")
+    os.makedirs(images_dir, exist_ok=True)
+    rows = []
+    for i, size in enumerate(sizes):
+        cue = CLASSNAMES[i % len(CLASSNAMES)]
+        colours = [cue] * (2 + i % 3) + [rng.choice([c for c in CLASSNAMES if c != cue])
+                                         for _ in range(size - 2 - i % 3)]
+        rng.shuffle(colours)
+        candidates = [f"{colour}_{i}_{k}" for k, colour in enumerate(colours)]
+        paths = [os.path.join(images_dir, name + ".jpg") for name in candidates]
+        for k, (colour, path) in enumerate(zip(colours, paths, strict=True)):
+            square(colour, 9000 + 31 * i + k).save(path, format="JPEG")
+        rows.append({"ID": i, "cue": cue, "candidates": candidates, "num_associations": colours.count(cue),
+                     "associations": [n for n, c in zip(candidates, colours, strict=True) if c == cue],
+                     "candidate_images": paths})
+    if edit:
+        edit(rows)
+    features = datasets.Features({
+        "ID": datasets.Value("int64"), "cue": datasets.Value("string"),
+        "candidates": datasets.List(datasets.Value("string")), "num_associations": datasets.Value("int64"),
+        "associations": datasets.List(datasets.Value("string")),
+        "candidate_images": datasets.List(datasets.Image())})
+    features = datasets.Features({k: v for k, v in features.items() if k in rows[0]})
+    folder = os.path.join(cache_dir, "nlphuji___winogavil", "default", "0.0.0", "5a6b7c8d9e")
+    os.makedirs(folder)
+    with ArrowWriter(features=features, path=os.path.join(folder, "winogavil-test.arrow")) as writer:
+        for row in rows:
+            writer.write(features.encode_example(row))
+        count, size_bytes = writer.finalize()
+    split = datasets.SplitInfo("test", num_bytes=size_bytes, num_examples=count, dataset_name="winogavil")
+    datasets.DatasetInfo(features=features, config_name="default", dataset_name="winogavil",
+                         splits=datasets.SplitDict({"test": split})).write_to_directory(folder)
+    return rows

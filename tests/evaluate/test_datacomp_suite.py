@@ -4,7 +4,9 @@ average.
 
 The subgroup reference is DataComp's own evaluator code (eval_utils/wilds_eval.py and
 fairness_eval.py) on the `wilds` package's metrics, with DataComp's replacement for wilds'
-torch_scatter group average; predictions come from CLIP_benchmark's classifier code.
+torch_scatter group average; predictions come from CLIP_benchmark's classifier code. WinoGAViL's
+reference is DataComp's eval_utils/wino_eval.py loop, reading the same Hugging Face datasets cache
+with `datasets.load_dataset` offline, as DataComp does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from evalkit import (
     write_classification_set,
     write_grouped_set,
     write_retrieval_set,
+    write_winogavil_cache,
 )
 from wilds.common.grouper import CombinatorialGrouper
 from wilds.common.metrics.all_metrics import F1, Accuracy, Recall
@@ -100,6 +103,7 @@ def suite_run(tmp_path_factory):
     write_retrieval_set(str(root / "wds_retrieval-flickr_1k_test_image_text_retrieval_test"), per_class=2)
     sets = {folder: write_grouped_set(str(root / folder), fields, seed=len(folder))
             for folder, (_, fields) in GROUPED.items()}
+    write_winogavil_cache(str(root / "hf_cache"))
     out = tmp / "results.json"
     assert main(["--checkpoint", str(tmp / "run"), "--root", str(tmp), "--run-id", "run", "--workers", "0",
                  "--batch-size", "8", "--output", str(out), "--suite", "datacomp",
@@ -111,13 +115,12 @@ def test_suite_lists_every_task_that_did_not_run(suite_run):
     _, _, _, doc = suite_run
     summary = doc["suite"]
     ran = {row["task"] for row in summary["tasks"]}
-    assert ran == {"cifar10", "vtab/pets", "retrieval/flickr_1k_test_image_text_retrieval",
+    assert ran == {"cifar10", "vtab/pets", "retrieval/flickr_1k_test_image_text_retrieval", "misc/winogavil",
                    *[key for key, _ in GROUPED.values()]}
     missing = {m["task"]: m for m in summary["missing"]}
     assert len(ran) + len(missing) == len(suite.DATACOMP_TASKS) == 40
     assert missing["imagenet1k"]["reason"] == "not found"
     assert missing["imagenet1k"]["expected"].endswith("evalsets/wds_imagenet1k_test")
-    assert "no CLIP_benchmark wds layout" in missing["misc/winogavil"]["reason"]
     assert summary["complete"] is False
 
 
@@ -131,13 +134,13 @@ def test_suite_average_is_datacomps_mean_of_main_metrics(suite_run):
                + datasets["retrieval/flickr_1k_test_image_text_retrieval"]["metrics"]["image_retrieval_recall@1"]))
     expected_main = {"cifar10": "acc1", "wilds/camelyon17": "acc1", "wilds/fmow": "acc_worst_region",
                      "wilds/iwildcam": "F1-macro_all", "fairness/dollar_street": "acc_top5_wg",
-                     "fairness/geode": "acc_wg"}
+                     "fairness/geode": "acc_wg", "misc/winogavil": "jaccard_score_10-12"}
     for task, metric in expected_main.items():
         assert rows[task]["main_metric"] == metric
         assert rows[task]["value"] == datasets[task]["metrics"][metric]
     values = [row["value"] for row in rows.values()]
     assert doc["suite"]["average"] == pytest.approx(sum(values) / len(values))
-    assert doc["suite"]["averaged_tasks"] == len(rows) == 8
+    assert doc["suite"]["averaged_tasks"] == len(rows) == 9
 
 
 def test_suite_average_is_a_metric_with_the_suite_as_dataset(suite_run):
@@ -177,3 +180,58 @@ def test_subgroup_metrics_equal_datacomps_evaluators(suite_run, folder, monkeypa
             continue
         assert ours[key] == pytest.approx(float(value), abs=1e-6), key
     assert any(k.startswith("count_") for k in ours) or task == "wilds/iwildcam"
+
+
+def _datacomp_winogavil(model, preprocess, tokenizer, cache_dir: str, monkeypatch) -> dict:
+    """DataComp's evaluate_winogavil_dataset (eval_utils/wino_eval.py) on the CPU: its load_dataset
+    call (offline, so only the cache is read), its WinoDataset items and its scoring loop."""
+    import datasets
+    import huggingface_hub.constants
+    import numpy as np
+    from sklearn.metrics import jaccard_score
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def get_clip_prompt(item):
+        item = item.lower()
+        return f"An {item}" if item[0] in ["a", "e", "i", "o", "u"] else f"A {item}"
+
+    all_groups, all_scores = [], []
+    for example in datasets.load_dataset("nlphuji/winogavil", split="test", cache_dir=cache_dir):
+        images = torch.stack([preprocess(img) for img in example["candidate_images"]])
+        text = tokenizer([get_clip_prompt(example["cue"])])
+        y_true = np.isin(example["candidates"], example["associations"])
+        n_images, n_assoc = len(images), y_true.sum()
+        with torch.no_grad():
+            image_features = model.encode_image(images, normalize=True)
+            text_features = model.encode_text(text, normalize=True)
+            image_logits = (text_features @ image_features.T).squeeze(0).cpu().numpy()
+        topk_indices = np.argsort(image_logits)[-n_assoc:]
+        y_pred = np.isin(np.arange(n_images), topk_indices)
+        all_scores.append(jaccard_score(y_true, y_pred))
+        all_groups.append(n_images)
+    all_groups, all_scores = np.array(all_groups), np.array(all_scores)
+    return {"avg_jaccard_score": all_scores.mean(),
+            "jaccard_score_5": all_scores[all_groups == 5].mean(),
+            "jaccard_score_6": all_scores[all_groups == 6].mean(),
+            "jaccard_score_10": all_scores[all_groups == 10].mean(),
+            "jaccard_score_12": all_scores[all_groups == 12].mean(),
+            "jaccard_score_5-6": all_scores[all_groups <= 6].mean(),
+            "jaccard_score_10-12": all_scores[all_groups >= 10].mean()}
+
+
+def test_winogavil_equals_datacomps_scorer_on_the_same_cache(suite_run, monkeypatch):
+    model, tmp, _, doc = suite_run
+    _, _, preprocess = open_clip.create_model_and_transforms("clipforge-micro")
+    reference = _datacomp_winogavil(model, preprocess, open_clip.get_tokenizer("clipforge-micro"),
+                                    str(tmp / "evalsets" / "hf_cache"), monkeypatch)
+    ours = doc["datasets"]["misc/winogavil"]
+    assert ours["samples"] == 6 and ours["task"] == "association"
+    assert ours["uri"].endswith("evalsets/hf_cache")
+    assert set(ours["metrics"]) == set(reference)
+    for key, value in reference.items():
+        assert ours["metrics"][key] == pytest.approx(float(value), abs=1e-9), key
+    assert 0.0 < ours["metrics"]["avg_jaccard_score"] < 1.0  # neither all right nor all wrong: it bites
+    row = next(r for r in doc["suite"]["tasks"] if r["task"] == "misc/winogavil")
+    assert row["value"] == ours["metrics"]["jaccard_score_10-12"]
