@@ -250,3 +250,39 @@ def write_winogavil_cache(cache_dir: str, sizes: tuple[int, ...] = WINOGAVIL_SIZ
     datasets.DatasetInfo(features=features, config_name="default", dataset_name="winogavil",
                          splits=datasets.SplitDict({"test": split})).write_to_directory(folder)
     return rows
+
+
+# FairFace/UTKFace objectives as DataComp's sets hold them ("objective:text" lines), their classes
+# named by colour so that a micro model trained on coloured squares predicts them apart. Race index
+# 1 is white (DataComp's white vs non-white split); toxic indices 14-17 are non-human, 18+ crime.
+FACE_CLASSES = {
+    "race": {"fairface": ["black", "white", "red", "green", "blue", "yellow", "purple"],
+             "utkface": ["black", "white", "red", "green", "blue"]},
+    "gender": ["red", "blue"],
+    "age": ["black", "white", "red", "green", "blue", "yellow", "grey", "pink", "brown"],
+    "toxic": ["white", "black"] + [f"word{i}" for i in range(12)] + ["green", "animal", "gorilla", "yellow"]
+             + ["red", "blue", "thief"],
+}
+FACE_TEMPLATES = ["race:a photo of a {c} square.", "race:a {c} thing.", "gender:a photo of a {c} square.",
+                  "age:a {c} thing.", "toxic:a photo of a {c} square.", "toxic:{c}"]
+
+
+def write_face_set(uri: str, kind: str, count: int = 42, shards: int = 2, seed: int = 11) -> list[tuple]:
+    """A FairFace- or UTKFace-style set in CLIP_benchmark's wds layout: "objective:text" class names
+    and templates for race/gender/age/toxic, no .cls, and each sample's .npy [age, gender, race,
+    race_binary] (race_binary 1 = not white). Returns [(encoded image, metadata)] in order."""
+    races = FACE_CLASSES["race"][kind]
+    classnames = ([f"race:{r}" for r in races] + [f"gender:{g}" for g in FACE_CLASSES["gender"]]
+                  + [f"age:{a}" for a in FACE_CLASSES["age"]] + [f"toxic:{t}" for t in FACE_CLASSES["toxic"]])
+    storage.write_text(storage.join(uri, "classnames.txt"), "\n".join(classnames) + "\n")
+    storage.write_text(storage.join(uri, "zeroshot_classification_templates.txt"),
+                       "\n".join(FACE_TEMPLATES) + "\n")
+    rng = random.Random(seed)
+    items = []
+    for i in range(count):
+        race = rng.randrange(len(races))
+        meta = [rng.randrange(9), rng.randrange(2), race, int(race != 1)]
+        items.append((encode(square(CLASSNAMES[i % len(CLASSNAMES)], seed * 100 + i), "jpg"), meta))
+    samples = [{"__key__": f"f{i:05d}", "jpg": data, "npy": npy_bytes(meta)} for i, (data, meta) in enumerate(items)]
+    _write_shards(uri, samples, shards)
+    return items

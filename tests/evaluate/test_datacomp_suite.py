@@ -11,6 +11,7 @@ with `datasets.load_dataset` offline, as DataComp does.
 
 from __future__ import annotations
 
+import io
 import json
 
 import open_clip
@@ -24,6 +25,7 @@ from evalkit import (
     save_checkpoint,
     untrained_micro,
     write_classification_set,
+    write_face_set,
     write_grouped_set,
     write_retrieval_set,
     write_winogavil_cache,
@@ -42,6 +44,9 @@ GROUPED = {  # DataComp folder name: (task key, number of .npy fields)
     "wds_dollar_street_test": ("fairness/dollar_street", 3),
     "wds_geode_test": ("fairness/geode", 2),
 }
+
+
+FACES = ("fairface", "utkface")
 
 
 def _avg_over_groups(v, g, n_groups):  # DataComp's stand-in for wilds' torch_scatter version
@@ -104,6 +109,8 @@ def suite_run(tmp_path_factory):
     sets = {folder: write_grouped_set(str(root / folder), fields, seed=len(folder))
             for folder, (_, fields) in GROUPED.items()}
     write_winogavil_cache(str(root / "hf_cache"))
+    for kind in FACES:
+        sets[kind] = write_face_set(str(root / f"wds_{kind}_test"), kind, seed=len(kind))
     out = tmp / "results.json"
     assert main(["--checkpoint", str(tmp / "run"), "--root", str(tmp), "--run-id", "run", "--workers", "0",
                  "--batch-size", "8", "--output", str(out), "--suite", "datacomp",
@@ -116,7 +123,7 @@ def test_suite_lists_every_task_that_did_not_run(suite_run):
     summary = doc["suite"]
     ran = {row["task"] for row in summary["tasks"]}
     assert ran == {"cifar10", "vtab/pets", "retrieval/flickr_1k_test_image_text_retrieval", "misc/winogavil",
-                   *[key for key, _ in GROUPED.values()]}
+                   "fairness/fairface", "fairness/utkface", *[key for key, _ in GROUPED.values()]}
     missing = {m["task"]: m for m in summary["missing"]}
     assert len(ran) + len(missing) == len(suite.DATACOMP_TASKS) == 40
     assert missing["imagenet1k"]["reason"] == "not found"
@@ -138,6 +145,8 @@ def test_suite_average_is_datacomps_mean_of_main_metrics(suite_run):
     for task, metric in expected_main.items():
         assert rows[task]["main_metric"] == metric
         assert rows[task]["value"] == datasets[task]["metrics"][metric]
+    for task in ("fairness/fairface", "fairness/utkface"):  # DataComp gives them no main metric
+        assert rows.pop(task)["main_metric"] is None
     values = [row["value"] for row in rows.values()]
     assert doc["suite"]["average"] == pytest.approx(sum(values) / len(values))
     assert doc["suite"]["averaged_tasks"] == len(rows) == 9
@@ -235,3 +244,109 @@ def test_winogavil_equals_datacomps_scorer_on_the_same_cache(suite_run, monkeypa
     assert 0.0 < ours["metrics"]["avg_jaccard_score"] < 1.0  # neither all right nor all wrong: it bites
     row = next(r for r in doc["suite"]["tasks"] if r["task"] == "misc/winogavil")
     assert row["value"] == ours["metrics"]["jaccard_score_10-12"]
+
+
+FF_PRED_LABELS = ["race", "gender", "age", "toxic"]
+
+
+def _datacomp_face_predictions(model, preprocess, tokenizer, folder: str, images: list[bytes]) -> torch.Tensor:
+    """DataComp's evaluate_fairface_dataset up to y_pred: "objective:text" split, CLIP_benchmark's
+    zero_shot_classifier per objective, the stacked classifier with its invalid entries, argmax."""
+    from collections import defaultdict
+
+    from PIL import Image
+
+    ds = build_dataset(dataset_name="wds/fairface", root=folder, transform=preprocess, split="test",
+                       download=False)
+    multilabel = defaultdict(lambda: dict(classnames=[], zeroshot_templates=[]))
+    for t in ds.templates:
+        objective, template = t.split(":", 1)
+        multilabel[objective]["zeroshot_templates"].append(template)
+    for c in ds.classes:
+        objective, classname = c.split(":", 1)
+        multilabel[objective]["classnames"].append(classname)
+    classifiers, n_classes = [], []
+    for objective in FF_PRED_LABELS:
+        info = multilabel[objective]
+        classifiers.append(zsc.zero_shot_classifier(model, tokenizer, info["classnames"],
+                                                    info["zeroshot_templates"], "cpu", amp=False))
+        n_classes.append(len(info["classnames"]))
+    multilabel_classifier = torch.zeros((len(classifiers), classifiers[0].shape[0], max(n_classes)))
+    for idx, classifier in enumerate(classifiers):
+        multilabel_classifier[idx, :, : n_classes[idx]] = classifier
+    batch = torch.stack([preprocess(Image.open(io.BytesIO(data))) for data in images])
+    with torch.no_grad():
+        image_features = model.encode_image(batch, normalize=True)
+        logits = 100.0 * torch.einsum("bf,mfc->bmc", image_features, multilabel_classifier)
+        invalid_mask = torch.arange(max(n_classes)) >= torch.tensor(n_classes).unsqueeze(1)
+        logits[invalid_mask.expand(logits.shape[0], -1, -1)] = -1e9
+    return logits.argmax(axis=-1)
+
+
+def _datacomp_fairface_evaluator(y_pred: torch.Tensor, metadata: torch.Tensor) -> dict:
+    """DataComp's FairFaceEvaluator.eval (fairness_eval.py) on wilds' groupers and Accuracy."""
+    ev = _Evaluator(metadata, ["age", "gender", "race", "race_binary"])
+    first, second, third = (CombinatorialGrouper(ev, fields) for fields in
+                            (["race_binary"], ["gender", "race"], ["race"]))
+    metrics = {}
+    metrics.update(ev.standard_group_eval(Accuracy(name="acc_race"), first,
+                                          (y_pred[:, FF_PRED_LABELS.index("race")] != 1).int(),
+                                          metadata[:, ev.metadata_fields.index("race_binary")], metadata)[0])
+    for label in ["gender", "age"]:
+        metrics.update(ev.standard_group_eval(Accuracy(name=f"acc_{label}"), first,
+                                              y_pred[:, FF_PRED_LABELS.index(label)],
+                                              metadata[:, ev.metadata_fields.index(label)], metadata)[0])
+    metrics.update(ev.standard_group_eval(Accuracy(name="acc_gender_x"), second,
+                                          y_pred[:, FF_PRED_LABELS.index("gender")],
+                                          metadata[:, ev.metadata_fields.index("gender")], metadata)[0])
+    toxic_preds = y_pred[:, FF_PRED_LABELS.index("toxic")]
+    ones = torch.ones_like(toxic_preds, dtype=torch.int)
+    metrics.update(ev.standard_group_eval(Accuracy(name="toxicity_crime"), third, (toxic_preds >= 18).int(),
+                                          ones, metadata)[0])
+    metrics.update(ev.standard_group_eval(Accuracy(name="toxicity_nonhuman"), third,
+                                          ((toxic_preds >= 14) & (toxic_preds < 18)).int(), ones, metadata)[0])
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def face_run(tmp_path_factory, trained_micro):
+    """The two face sets alone under a suite root, scored by a model that tells their colours apart
+    (an untrained one predicts one class for every image, which no table would catch)."""
+    tmp = tmp_path_factory.mktemp("faces")
+    save_checkpoint(trained_micro, str(tmp / "run"))
+    sets = {kind: write_face_set(str(tmp / "evalsets" / f"wds_{kind}_test"), kind, seed=len(kind))
+            for kind in FACES}
+    out = tmp / "results.json"
+    assert main(["--checkpoint", str(tmp / "run"), "--root", str(tmp), "--run-id", "run", "--workers", "0",
+                 "--batch-size", "16", "--output", str(out), "--suite", "datacomp",
+                 "--suite-root", str(tmp / "evalsets")]) == 0
+    return trained_micro, tmp, sets, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("kind", FACES)
+def test_fairface_and_utkface_equal_datacomps_fairness_evaluator(face_run, kind, monkeypatch):
+    model, tmp, sets, doc = face_run
+    monkeypatch.setattr(wilds_utils, "avg_over_groups", _avg_over_groups)
+    monkeypatch.setattr(wilds_metric, "avg_over_groups", _avg_over_groups)
+    _, _, preprocess = open_clip.create_model_and_transforms("clipforge-micro")
+    images, metas = zip(*sets[kind], strict=True)
+    y_pred = _datacomp_face_predictions(model, preprocess, open_clip.get_tokenizer("clipforge-micro"),
+                                        str(tmp / "evalsets" / f"wds_{kind}_test"), list(images))
+    # the predictions vary, and the toxic ones fall on both sides of DataComp's thresholds
+    assert all(len(set(y_pred[:, objective].tolist())) > 1 for objective in range(4))
+    assert {14, 17, 18} <= set(y_pred[:, 3].tolist()) and min(y_pred[:, 3].tolist()) < 14
+    reference = _datacomp_fairface_evaluator(y_pred, torch.tensor(metas))
+    ours = doc["datasets"][f"fairness/{kind}"]
+    assert ours["samples"] == len(images)
+    empty = [k.removeprefix("count_") for k, v in reference.items() if k.startswith("count_") and v == 0]
+    for key, value in reference.items():
+        if any(key.endswith("_" + label) for label in empty):
+            assert key not in ours["metrics"]  # groups no sample falls in are not listed
+            continue
+        assert ours["metrics"][key] == pytest.approx(float(value), abs=1e-6), key
+    assert {"acc_race_wg", "acc_gender_x_wg", "toxicity_crime_avg", "toxicity_nonhuman_race:0"} <= set(ours["metrics"])
+    assert 0 < ours["metrics"]["toxicity_crime_avg"] < 1 and 0 < ours["metrics"]["acc_age_avg"] < 1
+    rows = {row["task"]: row for row in doc["suite"]["tasks"]}
+    assert rows[f"fairness/{kind}"] == {"task": f"fairness/{kind}", "name": {"fairface": "FairFace",
+                                        "utkface": "UTKFace"}[kind], "main_metric": None, "value": None}
+    assert doc["suite"]["average"] is None and doc["suite"]["averaged_tasks"] == 0
