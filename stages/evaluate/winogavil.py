@@ -3,9 +3,9 @@
 DataComp reads it with `datasets.load_dataset("nlphuji/winogavil", split="test",
 cache_dir=<data root>/hf_cache)`, so the set is that Hugging Face datasets cache under the suite
 root (what DataComp's `download_evalsets.py` leaves there). It is opened with the `datasets`
-library's own offline cache reader: nothing is fetched from the Hub. A root on another store is
-copied first (the dataset's cache folder; images the cache holds only as paths into
-`hf_cache/downloads/` are then read from the same root).
+library's own offline cache reader: nothing is fetched from the Hub and nothing is written under
+the root. A root on another store is copied first (the dataset's cache folder; images the cache
+holds only as paths into `hf_cache/downloads/` are then read from the same root).
 
 The scorer is DataComp's `eval_utils/wino_eval.py`: the cue as "A/An <cue>", the candidates ranked
 by cosine similarity, the top as many as there are associations predicted, each example's Jaccard
@@ -42,7 +42,7 @@ COLUMNS = ("cue", "candidates", "associations", "candidate_images")
 class WinoSet:
     name: str
     uri: str  # the hf_cache folder
-    dataset: object  # a datasets.Dataset, images not decoded
+    dataset: object  # a datasets.Dataset in arrow format: rows as tables, images not decoded
     max_samples: int | None = None
 
 
@@ -61,15 +61,9 @@ def present(root: str) -> bool:
 
 def open_set(name: str, cache: str) -> WinoSet:
     """The test split from the cache, its columns and associations checked; no image decoded."""
-    import datasets
     from datasets.packaged_modules.cache.cache import Cache
 
-    local = storage.local_path(cache)
-    if local is None:
-        local = tempfile.mkdtemp(prefix="clipforge-winogavil-")
-        atexit.register(shutil.rmtree, local, ignore_errors=True)
-        folder = HF_DATASET.replace("/", "___")
-        storage.download_folder(dataset_folder(cache), storage.join(local, folder))
+    local = _reading_copy(cache)
     try:
         builder = Cache(cache_dir=local, dataset_name=HF_DATASET.split("/")[1], repo_id=HF_DATASET,
                         version="auto", hash="auto")
@@ -82,13 +76,29 @@ def open_set(name: str, cache: str) -> WinoSet:
         raise DataError(f"{dataset_folder(cache)}: the {HF_DATASET} test split lacks column(s) {lacking} "
                         f"(has {dataset.column_names})")
     _check_examples(dataset, cache)
-    images = datasets.List(datasets.Image(decode=False))
-    return WinoSet(name, cache, dataset.cast_column("candidate_images", images))
+    # Rows as arrow: images stay {bytes, path} (not decoded), and no cast writes a file next to the cache.
+    return WinoSet(name, cache, dataset.with_format("arrow"))
 
 
-def _check_examples(dataset, where: str) -> None:
+def _reading_copy(cache: str) -> str:
+    """A private cache folder holding the dataset: the reader writes its lock file there, never into
+    the suite root (which may be read-only). A local dataset is linked, a remote one copied."""
+    local = tempfile.mkdtemp(prefix="clipforge-winogavil-")
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    target = os.path.join(local, HF_DATASET.replace("/", "___"))
+    source = storage.local_path(dataset_folder(cache))
+    if source is not None:
+        os.symlink(os.path.abspath(source), target)
+    else:
+        storage.download_folder(dataset_folder(cache), target)
+    return local
+
+
+def _check_examples(dataset, cache: str) -> None:
     """Each example: an association among its candidates, one image per candidate, every image there."""
     import pyarrow.compute as pc
+
+    where = dataset_folder(cache)
 
     table = dataset.select_columns(["candidates", "associations"]).to_dict()
     for index, (candidates, associations) in enumerate(zip(table["candidates"], table["associations"],
@@ -105,7 +115,7 @@ def _check_examples(dataset, where: str) -> None:
     flat = pc.list_flatten(images)
     by_path = pc.filter(pc.struct_field(flat, "path"), pc.is_null(pc.struct_field(flat, "bytes"))).to_pylist()
     if by_path:
-        _check_paths(by_path, where)
+        _check_paths(by_path, cache)
 
 
 def _check_paths(paths: list[str], cache: str) -> None:
@@ -174,7 +184,7 @@ def evaluate(wino: WinoSet, loaded: LoadedModel, device: torch.device, amp: Call
     total = min(len(wino.dataset), wino.max_samples or len(wino.dataset))
     mine = []
     for index in range(ctx.rank, total, ctx.world_size):
-        example = wino.dataset[index]
+        example = wino.dataset[index].to_pylist()[0]
         mine.append((index, len(example["candidates"]), _score(example, wino, loaded, device, amp)))
     rows = sorted(row for part in distributed.gather(mine, ctx) for row in part)
     sizes, jaccard = np.array([r[1] for r in rows]), np.array([r[2] for r in rows])
