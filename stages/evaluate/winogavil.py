@@ -100,7 +100,10 @@ def _check_examples(dataset, cache: str) -> None:
 
     where = dataset_folder(cache)
 
-    table = dataset.select_columns(["candidates", "associations"]).to_dict()
+    table = dataset.select_columns(["cue", "candidates", "associations"]).to_dict()
+    empty = [index for index, cue in enumerate(table["cue"]) if not (cue or "").strip()]
+    if empty:
+        raise DataError(f"{where}: {HF_DATASET} example(s) {empty[:5]} have an empty cue")
     for index, (candidates, associations) in enumerate(zip(table["candidates"], table["associations"],
                                                            strict=True)):
         if not np.isin(candidates, associations).any():

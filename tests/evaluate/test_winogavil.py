@@ -82,6 +82,10 @@ def _stray_associations(rows):
     rows[2]["associations"] = ["not-a-candidate"]
 
 
+def _empty_cue(rows):
+    rows[4]["cue"] = " "
+
+
 def _one_image_short(rows):
     rows[1]["candidate_images"] = rows[1]["candidate_images"][:-1]
 
@@ -90,6 +94,7 @@ def _one_image_short(rows):
     (_drop_associations, "lacks column(s) ['associations']"),
     (_stray_associations, "example 2 has no association among its candidates"),
     (_one_image_short, "example 1 has 5 images for 6 candidates"),
+    (_empty_cue, "example(s) [4] have an empty cue"),
 ])
 def test_a_broken_cache_fails_before_the_model_is_loaded(capsys, micro_run, tmp_path, edit, message,
                                                          monkeypatch):
