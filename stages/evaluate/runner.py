@@ -8,7 +8,7 @@ from stages.common import config as config_mod
 from stages.common import distributed, runinfo
 from stages.common.logs import setup_logging
 from stages.common.shards import SampleKeys, probe
-from stages.evaluate import report, suite
+from stages.evaluate import features, report, suite, winogavil
 from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.evalsets import (
     CLASSIFICATION,
@@ -22,17 +22,23 @@ from stages.evaluate.evaluation import evaluate_set
 from stages.evaluate.model import load_model
 
 
-def open_inputs(cfg: EvaluateConfig) -> list[EvalSet]:
+def open_inputs(cfg: EvaluateConfig) -> list[EvalSet | winogavil.WinoSet]:
     """Every eval set, checked (class names, templates, shards, the first samples) before any
-    model is built."""
+    model is built: wds sets (EvalSet) and, in the suite, WinoGAViL's Hugging Face set (WinoSet)."""
     if cfg.model:
         from stages.evaluate import stock
 
         stock.check(cfg.model, cfg.pretrained)
     sets = [open_eval_set(name, uri) for name, uri in cfg.eval_specs()]
     sets += [open_eval_set(name, uri, linear_probe=True) for name, uri in cfg.linear_probe_specs()]
+    hf_sets = []
     if cfg.suite:
-        sets += [open_eval_set(task.key, uri) for task, uri in suite.locate(cfg.suite_root)[0]]
+        for task, uri in suite.locate(cfg.suite_root)[0]:
+            if task.hf_cache:
+                hf_sets.append(winogavil.open_set(task.key, uri))
+                hf_sets[-1].max_samples = cfg.max_samples
+            else:
+                sets.append(open_eval_set(task.key, uri))
     if cfg.val_data:
         sets.append(open_val_split(cfg.val_data))
     keys = SampleKeys(max_pixels=cfg.max_image_pixels)
@@ -41,7 +47,14 @@ def open_inputs(cfg: EvaluateConfig) -> list[EvalSet]:
         need = ("caption" if es.task == RETRIEVAL else "label" if es.task in (CLASSIFICATION, LINEAR_PROBE)
                 and es.groups not in ("fairface", "utkface") else "image")
         probe(es.shards, keys, f"eval set {es.name} ({es.uri})", need=need)
-    return sets
+    return sets + hf_sets
+
+
+def _evaluate(evalset, loaded, device, cfg: EvaluateConfig, ctx, log) -> dict:
+    if isinstance(evalset, winogavil.WinoSet):
+        amp = features.autocast_for(device, cfg.precision)
+        return winogavil.evaluate(evalset, loaded, device, amp, ctx, log)
+    return evaluate_set(evalset, loaded, device, cfg, ctx, log)
 
 
 def _load(cfg: EvaluateConfig, device):
@@ -65,7 +78,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         loaded = _load(cfg, device)
         log.info("model %s from %s (step %s) on %s, %d rank(s)", loaded.name, loaded.checkpoint,
                  loaded.step, device, ctx.world_size)
-        results = {es.name: evaluate_set(es, loaded, device, cfg, ctx, log) for es in evalsets}
+        results = {es.name: _evaluate(es, loaded, device, cfg, ctx, log) for es in evalsets}
         model_info = {"name": loaded.name, "checkpoint": loaded.checkpoint, "step": loaded.step}
         document = report.results_document(results, model_info)
         if cfg.suite:

@@ -5,7 +5,9 @@ exist; FairFace and UTKFace have none) are DataComp's `tasklist.yml` and `evalua
 not a package, so the list is carried here. Sets are read in CLIP_benchmark's wds layout, in the
 folders DataComp's `download_evalsets.py` writes (`wds_<task with / as ->_test`, without the
 `fairness/` prefix); the two retrieval sets, which DataComp reads from Hugging Face datasets, are
-looked for in the same kind of folder or in CLIP_benchmark's own wds names.
+looked for in the same kind of folder or in CLIP_benchmark's own wds names. WinoGAViL is read from
+the Hugging Face datasets cache DataComp's downloader leaves in `<root>/hf_cache`
+(stages.evaluate.winogavil).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from stages.common import storage
+from stages.evaluate import winogavil
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +24,8 @@ class Task:
     name: str
     main_metric: str | None = "acc1"
     aliases: tuple[str, ...] = ()
+    hf_cache: bool = False  # read from <root>/hf_cache (a Hugging Face datasets cache), not wds
+
 
     @property
     def folder(self) -> str:
@@ -45,25 +50,23 @@ DATACOMP_TASKS: tuple[Task, ...] = (
     Task("retrieval/flickr_1k_test_image_text_retrieval", "Flickr", "mean_recall@1", ("wds_flickr30k",)),
     Task("retrieval/mscoco_2014_5k_test_image_text_retrieval", "MSCOCO", "mean_recall@1",
          ("wds_mscoco_captions",)),
-    Task("misc/winogavil", "WinoGAViL", "jaccard_score_10-12"),
+    Task("misc/winogavil", "WinoGAViL", "jaccard_score_10-12", hf_cache=True),
     Task("wilds/iwildcam", "iWildCam", "F1-macro_all"), Task("wilds/camelyon17", "Camelyon17"),
     Task("wilds/fmow", "FMoW", "acc_worst_region"),
     Task("fairness/dollar_street", "Dollar Street", "acc_top5_wg"), Task("fairness/geode", "GeoDE", "acc_wg"),
     Task("fairness/fairface", "FairFace", None), Task("fairness/utkface", "UTKFace", None),
 )
-# Tasks whose sets have no CLIP_benchmark wds layout (DataComp reads them from Hugging Face datasets
-# with a bespoke scorer); they are reported as not run, never silently dropped.
-NOT_WDS = {"misc/winogavil": "WinoGAViL has no CLIP_benchmark wds layout (DataComp scores it from the "
-                             "nlphuji/winogavil Hugging Face dataset)"}
-
-
 def locate(root: str) -> tuple[list[tuple[Task, str]], list[dict]]:
     """([(task, set URI)] present under root, [{task, name, expected, reason}] for the others)."""
     root = root.rstrip("/")
     present, missing = [], []
     for task in DATACOMP_TASKS:
-        if task.key in NOT_WDS:
-            missing.append({"task": task.key, "name": task.name, "expected": None, "reason": NOT_WDS[task.key]})
+        if task.hf_cache:
+            if winogavil.present(root):
+                present.append((task, winogavil.cache_uri(root)))
+            else:
+                missing.append({"task": task.key, "name": task.name, "reason": "not found",
+                                "expected": winogavil.dataset_folder(winogavil.cache_uri(root))})
             continue
         found = next((storage.join(root, f) for f in (task.folder, *task.aliases)
                       if storage.exists(storage.join(root, f, "test"))), None)

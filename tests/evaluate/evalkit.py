@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Callable
 
 from stages.common import storage
 
@@ -199,3 +200,89 @@ def write_probe_set(uri: str, train_per_class: int = 5, test_per_class: int = 3)
         samples = [{"__key__": f"{split}{label:02d}{i:03d}", "png": encode(square(name, base + i * 7 + label), "png"),
                     "cls": label} for label, name in enumerate(CLASSNAMES) for i in range(per)]
         _write_shards(uri, samples, 2, split)
+
+
+WINOGAVIL_SIZES = (5, 6, 10, 12, 5, 10)
+
+
+def write_winogavil_cache(cache_dir: str, sizes: tuple[int, ...] = WINOGAVIL_SIZES,
+                          edit: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """nlphuji/winogavil's test split as DataComp's downloader leaves it in <root>/hf_cache: a
+    Hugging Face datasets cache (arrow file + dataset_info.json) whose images are paths into the
+    cache's downloads/extracted folder, as the dataset's loading script stored them. `edit` may
+    change the rows (drop a column, break an example) before they are written. Returns the rows."""
+    import os
+
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    rng = random.Random(7)
+    images_dir = os.path.join(cache_dir, "downloads", "extracted", "0f1e2d", "winogavil_images")
+    os.makedirs(images_dir, exist_ok=True)
+    rows = []
+    for i, size in enumerate(sizes):
+        cue = CLASSNAMES[i % len(CLASSNAMES)]
+        colours = [cue] * (2 + i % 3) + [rng.choice([c for c in CLASSNAMES if c != cue])
+                                         for _ in range(size - 2 - i % 3)]
+        rng.shuffle(colours)
+        candidates = [f"{colour}_{i}_{k}" for k, colour in enumerate(colours)]
+        paths = [os.path.join(images_dir, name + ".jpg") for name in candidates]
+        for k, (colour, path) in enumerate(zip(colours, paths, strict=True)):
+            square(colour, 9000 + 31 * i + k).save(path, format="JPEG")
+        rows.append({"ID": i, "cue": cue, "candidates": candidates, "num_associations": colours.count(cue),
+                     "associations": [n for n, c in zip(candidates, colours, strict=True) if c == cue],
+                     "candidate_images": paths})
+    if edit:
+        edit(rows)
+    features = datasets.Features({
+        "ID": datasets.Value("int64"), "cue": datasets.Value("string"),
+        "candidates": datasets.List(datasets.Value("string")), "num_associations": datasets.Value("int64"),
+        "associations": datasets.List(datasets.Value("string")),
+        "candidate_images": datasets.List(datasets.Image())})
+    features = datasets.Features({k: v for k, v in features.items() if k in rows[0]})
+    folder = os.path.join(cache_dir, "nlphuji___winogavil", "default", "0.0.0", "5a6b7c8d9e")
+    os.makedirs(folder)
+    with ArrowWriter(features=features, path=os.path.join(folder, "winogavil-test.arrow")) as writer:
+        for row in rows:
+            writer.write(features.encode_example(row))
+        count, size_bytes = writer.finalize()
+    split = datasets.SplitInfo("test", num_bytes=size_bytes, num_examples=count, dataset_name="winogavil")
+    datasets.DatasetInfo(features=features, config_name="default", dataset_name="winogavil",
+                         splits=datasets.SplitDict({"test": split})).write_to_directory(folder)
+    return rows
+
+
+# FairFace/UTKFace objectives as DataComp's sets hold them ("objective:text" lines), their classes
+# named by colour so that a micro model trained on coloured squares predicts them apart. Race index
+# 1 is white (DataComp's white vs non-white split); toxic indices 14-17 are non-human, 18+ crime.
+FACE_CLASSES = {
+    "race": {"fairface": ["black", "white", "red", "green", "blue", "yellow", "purple"],
+             "utkface": ["black", "white", "red", "green", "blue"]},
+    "gender": ["red", "blue"],
+    "age": ["black", "white", "red", "green", "blue", "yellow", "grey", "pink", "brown"],
+    "toxic": ["white", "black"] + [f"word{i}" for i in range(12)] + ["green", "animal", "gorilla", "yellow"]
+             + ["red", "blue", "thief"],
+}
+FACE_TEMPLATES = ["race:a photo of a {c} square.", "race:a {c} thing.", "gender:a photo of a {c} square.",
+                  "age:a {c} thing.", "toxic:a photo of a {c} square.", "toxic:{c}"]
+
+
+def write_face_set(uri: str, kind: str, count: int = 42, shards: int = 2, seed: int = 11) -> list[tuple]:
+    """A FairFace- or UTKFace-style set in CLIP_benchmark's wds layout: "objective:text" class names
+    and templates for race/gender/age/toxic, no .cls, and each sample's .npy [age, gender, race,
+    race_binary] (race_binary 1 = not white). Returns [(encoded image, metadata)] in order."""
+    races = FACE_CLASSES["race"][kind]
+    classnames = ([f"race:{r}" for r in races] + [f"gender:{g}" for g in FACE_CLASSES["gender"]]
+                  + [f"age:{a}" for a in FACE_CLASSES["age"]] + [f"toxic:{t}" for t in FACE_CLASSES["toxic"]])
+    storage.write_text(storage.join(uri, "classnames.txt"), "\n".join(classnames) + "\n")
+    storage.write_text(storage.join(uri, "zeroshot_classification_templates.txt"),
+                       "\n".join(FACE_TEMPLATES) + "\n")
+    rng = random.Random(seed)
+    items = []
+    for i in range(count):
+        race = rng.randrange(len(races))
+        meta = [rng.randrange(9), rng.randrange(2), race, int(race != 1)]
+        items.append((encode(square(CLASSNAMES[i % len(CLASSNAMES)], seed * 100 + i), "jpg"), meta))
+    samples = [{"__key__": f"f{i:05d}", "jpg": data, "npy": npy_bytes(meta)} for i, (data, meta) in enumerate(items)]
+    _write_shards(uri, samples, shards)
+    return items

@@ -1,5 +1,6 @@
 """Any model in one table: a stock open_clip model by name and tag from an offline Hugging Face
-cache, an open_clip_train checkpoint, and sets that rely on built-in class names."""
+cache, hf-hub: and local-dir: models, an open_clip_train checkpoint, and sets that rely on
+built-in class names."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from stages.common import storage
 from stages.common.errors import ConfigError, DataError
+from stages.evaluate import stock
 from stages.evaluate.cli import main
 from tests.conftest import which
 
@@ -143,3 +145,50 @@ def test_clip_benchmark_names_for_a_known_dataset(tmp_path, micro_run):
     assert "en_classnames.json" in res["builtin_metadata"]["classnames"]
     assert "templates" not in res["builtin_metadata"]  # the folder's own templates win
     assert builtin_classnames("wds_vtab-eurosat_test") == shipped["eurosat"] and len(shipped["eurosat"]) == 10
+
+
+def _hub_folder(model, folder) -> None:
+    """The files of open_clip's Hub layout, as `clipforge export` writes them."""
+    from stages.export.weights import write_layout
+
+    folder.mkdir(parents=True)
+    write_layout(str(folder), model, open_clip.get_model_config("clipforge-micro"),
+                 {"model_name": "clipforge-micro", "step": 1, "uri": "test"}, "fp32")
+
+
+def test_local_dir_and_hf_hub_models_equal_the_checkpoint_of_the_same_weights(tmp_path, cli_env):
+    model = untrained_micro(seed=6)
+    save_checkpoint(model, str(tmp_path / "run"), step=1)
+    write_classification_set(str(tmp_path / "colours"), per_class=3, shards=1)
+    _hub_folder(model, tmp_path / "folder")
+    repo = "clipforge-test/micro"  # only ever in the local cache: HF_HUB_OFFLINE=1 below
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    hub = tmp_path / "hf" / f"models--{repo.replace('/', '--')}"
+    (hub / "refs").mkdir(parents=True)
+    (hub / "refs" / "main").write_text(commit)
+    _hub_folder(model, hub / "snapshots" / commit)
+
+    base = ["--eval-data", str(tmp_path / "colours"), "--root", str(tmp_path), "--run-id", "r", "--workers", "0"]
+    for label, flags in (("checkpoint", ["--checkpoint", str(tmp_path / "run")]),
+                         ("local-dir", ["--model", f"local-dir:{tmp_path / 'folder'}"])):
+        assert main([*flags, *base, "--output", str(tmp_path / f"{label}.json")]) == 0
+    env = {**cli_env, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([which("clipforge"), "evaluate", "--model", f"hf-hub:{repo}", *base,
+                           "--output", str(tmp_path / "hf-hub.json")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    docs = {label: json.loads((tmp_path / f"{label}.json").read_text())
+            for label in ("checkpoint", "local-dir", "hf-hub")}
+    assert docs["hf-hub"]["model"]["name"] == f"hf-hub:{repo}"
+    assert docs["local-dir"]["model"]["name"] == f"local-dir:{tmp_path / 'folder'}"
+    reference = docs["checkpoint"]["datasets"]["colours"]["metrics"]
+    assert 0 < reference["acc1"] < 1
+    for label in ("local-dir", "hf-hub"):
+        assert docs[label]["datasets"]["colours"]["metrics"] == pytest.approx(reference, abs=1e-6), label
+
+    with pytest.raises(ConfigError, match="leave --pretrained out"):
+        stock.check(f"hf-hub:{repo}", TAG)
+    empty = {**env, "HF_HUB_CACHE": str(tmp_path / "empty")}
+    proc = subprocess.run([which("clipforge"), "evaluate", "--model", f"hf-hub:{repo}", *base], env=empty,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and f"hf-hub:{repo}" in proc.stderr and "cannot load the weights" in proc.stderr

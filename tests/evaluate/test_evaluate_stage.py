@@ -8,7 +8,7 @@ import sys
 import urllib.request
 
 import pytest
-from evalkit import tar_bytes, write_classification_set, write_retrieval_set
+from evalkit import tar_bytes, write_classification_set, write_retrieval_set, write_winogavil_cache
 
 from stages.common import storage
 from stages.evaluate.cli import main
@@ -91,8 +91,10 @@ def test_val_split_of_a_download_manifest_is_evaluated_as_retrieval(micro_run, t
 def test_torchrun_two_ranks_equal_one_process(micro_run, tmp_path, cli_env):
     write_classification_set(str(tmp_path / "colours"), shards=3)
     write_retrieval_set(str(tmp_path / "captions"), shards=1)  # fewer shards than ranks: split by sample
+    write_winogavil_cache(str(tmp_path / "suite" / "hf_cache"))  # examples split over the ranks
     common = ["--checkpoint", micro_run, "--eval-data", str(tmp_path / "colours"), str(tmp_path / "captions"),
-              "--root", str(tmp_path), "--run-id", "r", "--workers", "1"]
+              "--root", str(tmp_path), "--run-id", "r", "--workers", "1",
+              "--suite", "datacomp", "--suite-root", str(tmp_path / "suite")]
     assert main([*common, "--output", str(tmp_path / "one.json")]) == 0
     proc = subprocess.run([which("torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
                            "-m", "stages.evaluate", *common, "--output", str(tmp_path / "two.json")],
@@ -100,7 +102,7 @@ def test_torchrun_two_ranks_equal_one_process(micro_run, tmp_path, cli_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 rank(s)" in proc.stderr
     one, two = _results(str(tmp_path / "one.json")), _results(str(tmp_path / "two.json"))
-    for name in ("colours", "captions"):
+    for name in ("colours", "captions", "misc/winogavil"):
         assert two["datasets"][name]["samples"] == one["datasets"][name]["samples"]
         assert two["datasets"][name]["metrics"] == pytest.approx(one["datasets"][name]["metrics"], abs=1e-6)
 
