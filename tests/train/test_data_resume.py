@@ -64,3 +64,26 @@ def test_sigkill_mid_epoch_then_resume_reads_exactly_what_the_uninterrupted_run_
         expected = {pos: keys for pos, keys in reference.items() if pos > resume_point}
         assert min(after) == (epoch, resume_point[1] + 1)
         assert after == expected, f"rank {rank} read other samples after the resume"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_repeats_the_uninterrupted_losses(train_shards, tmp_path, cli_env, workers):
+    """Augmentation included: each sample's random crop comes from its own seed, not from the RNG
+    state of whichever process decoded it, so a run resumed mid-epoch logs exactly the uninterrupted
+    run's losses (the learning rate on). In-process (--workers 0) decoding runs ahead of the step
+    that saves, which used to give the first resumed batch other crops."""
+    from trainrun import stage_cmd, step_lines
+
+    runs = tmp_path / "runs"
+
+    def train(run_id: str, workers: int, *extra: str) -> list[tuple[int, float, float]]:
+        cmd = stage_cmd("--train-data", str(train_shards), "--batch-size", "8", "--steps", "5",
+                        "--workers", str(workers), "--root", str(runs), "--run-id", run_id, *extra)
+        rc, out = run(cmd, train_env(cli_env), tmp_path / f"{run_id}.log", timeout=600)
+        assert rc == 0, out
+        return step_lines(out)
+
+    whole = train("whole", workers, "--save-every-steps", "2")
+    resumed = train("resumed", workers, "--resume", str(runs / "whole/checkpoints/step_2.pt"))
+    assert [s for s, _, _ in resumed] == [3, 4, 5]
+    assert resumed == whole[2:]  # the logged (step, lr, loss), to the printed digits

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from trainrun import load_checkpoint, run, stage_cmd, step_lines, train_env
 
@@ -36,8 +35,8 @@ def test_amp_scaler_state_is_checkpointed_and_resumed(train_shards, tmp_path, cl
     assert rc == 0, out
     resumed_steps = step_lines(out)
     assert [s for s, _, _ in resumed_steps] == [3, 4]
-    # same batches, so the same losses up to float noise (fp32 resumes differ by as much at step 3)
-    assert resumed_steps[-1][2] == pytest.approx(losses[-1], rel=1e-2)
+    # same batches and crops, so the same losses
+    assert [loss for _, _, loss in resumed_steps] == losses[2:]
     whole = load_checkpoint(str(runs / "whole/checkpoints/step_4.pt"))
     resumed = load_checkpoint(str(runs / "resumed/checkpoints/step_4.pt"))
     assert resumed["scaler"] == whole["scaler"]  # a fresh scaler would count steps 3-4 from zero

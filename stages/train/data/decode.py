@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,6 +35,8 @@ class ImageDecoder:
         self.preprocess = preprocess
         self.keys = keys or SampleKeys()
         steps = list(getattr(preprocess, "transforms", []))
+        # timm's transforms (open_clip's aug_cfg use_timm) draw from NumPy's RNG as well
+        self.numpy_rng = any(type(t).__module__.startswith("timm") for t in steps) or not steps
         names = [type(t).__name__ for t in steps]
         self.fast = len(steps) >= 2 and names[-1] == "Normalize" and names[-2] in ("ToTensor", "MaybeToTensor")
         self.draft_size = 0
@@ -48,14 +53,19 @@ class ImageDecoder:
         Raises `Unusable` for bytes that are no image or hold more pixels than the limit."""
         return self.keys.open_image(data, self.draft_size)
 
-    def decode(self, data: bytes) -> Any:
-        """One sample: the transformed PIL image (fast path) or the transform's tensor."""
+    def decode(self, data: bytes, seed: int | None = None) -> Any:
+        """One sample: the transformed PIL image (fast path) or the transform's tensor.
+
+        With `seed`, the transform's random draws (crops, flips, jitter) come from that seed alone,
+        so a sample is augmented the same whichever worker, rank or resumed run decodes it.
+        """
         img = self.open(data)
-        if not self.fast:
-            return self.preprocess(img)
-        for step in self.geometric:
-            img = step(img)
-        return img
+        with seeded(seed, self.numpy_rng):
+            if not self.fast:
+                return self.preprocess(img)
+            for step in self.geometric:
+                img = step(img)
+            return img
 
     def batch_shape(self, images: list[Any]) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of the tensor `collate` makes of these decoded samples."""
@@ -83,6 +93,40 @@ class ImageDecoder:
                 row.copy_(pixels.permute(2, 0, 1))
                 row.sub_(self.mean).div_(self.std)
         return out
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, numpy_too: bool = False) -> Iterator[None]:
+    """torch's and Python's global RNGs (what torchvision's and open_clip's transforms draw from;
+    NumPy's too for timm's, which use it) seeded with `seed` inside, and given back after.
+
+    torch's default generator is seeded directly: `torch.manual_seed` also visits every device
+    backend and costs ~100x more per sample. NumPy's state is the costly one to restore (~80 us),
+    hence only for transforms that use it.
+    """
+    if seed is None:
+        yield
+        return
+    generator = torch.default_generator
+    torch_state, py_state = generator.get_state(), random.getstate()
+    np_state = np.random.get_state() if numpy_too else None
+    generator.manual_seed(seed)
+    random.seed(seed)
+    if numpy_too:
+        np.random.seed(seed % (1 << 32))
+    try:
+        yield
+    finally:
+        generator.set_state(torch_state)
+        random.setstate(py_state)
+        if np_state is not None:
+            np.random.set_state(np_state)
+
+
+def sample_seed(*parts: object) -> int:
+    """A 63-bit seed from what names a sample in a pass (run seed, epoch, shard, key)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _is_rgb_conversion(step: Any) -> bool:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.common.shards import SampleKeys, Unusable, describe_keys, iter_samples, key_hint, read_sample_at
-from stages.train.data.decode import ImageDecoder
+from stages.train.data.decode import ImageDecoder, sample_seed
 from stages.train.data.plan import (
     Item,
     WorkerState,
@@ -269,9 +269,11 @@ class ShardStream(IterableDataset):
             return [Item(i) for i in range(len(p.shards))][p.rank::p.world_size][worker::num_workers]
         return assign(epoch_items(len(p.shards), p.seed, epoch), p.rank, p.world_size, worker, num_workers)
 
-    def _decode(self, sample: dict) -> tuple[Any, str]:
-        keys = self.plan.keys
-        return self.decoder.decode(keys.image_bytes(sample)), keys.caption_text(sample)
+    def _decode(self, sample: dict, epoch: int, cycle: int) -> tuple[Any, str]:
+        keys, p = self.plan.keys, self.plan
+        # augmentation drawn from the sample's own seed: exact on resume, with any workers or ranks
+        seed = sample_seed(p.seed, epoch, cycle, sample.get("__url__", "").rsplit("/", 1)[-1], sample["__key__"]) if p.shuffle else None
+        return self.decoder.decode(keys.image_bytes(sample), seed), keys.caption_text(sample)
 
     def _batches(self, reader: WorkerReader, loader_worker: int, worker: int, quota: int | None,
                  tag: int) -> Iterator[Batch]:
@@ -291,7 +293,7 @@ class ShardStream(IterableDataset):
                 usable_in_pass, first_pass_end = 0, False
                 continue
             try:
-                image, text = self._decode(sample)
+                image, text = self._decode(sample, self.epoch.value, st.cycle)
             except Unusable as exc:
                 st.skipped += 1
                 in_row += 1
