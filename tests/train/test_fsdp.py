@@ -184,7 +184,7 @@ def _flip_a_byte(path) -> None:
 DAMAGE = {
     "a flipped byte in rank 1's shard": (lambda d: _flip_a_byte(d / "__1_0.distcp"), "sha256 does not match"),
     "rank 0's shard deleted": (lambda d: (d / "__0_0.distcp").unlink(), "missing"),
-    ".metadata deleted": (lambda d: (d / ".metadata").unlink(), "no .metadata"),
+    ".metadata deleted": (lambda d: (d / ".metadata").unlink(), "incomplete"),
     "trainer.pt truncated": (lambda d: os.truncate(d / "trainer.pt", 100), "bytes, LATEST records"),
 }
 
