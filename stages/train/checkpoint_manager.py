@@ -62,8 +62,9 @@ class CheckpointManager:
     """Owns the save interval, --keep-last, save, load, LATEST and the fallback.
 
     `replicated` must hold "model", "optimizer", "scheduler", "progress" (and "scaler" with amp);
-    `per_rank` holds "data" and "rng". `meta` is what readers need to rebuild the model
-    (model_name, model_cfg, preprocess_cfg).
+    `per_rank` holds "data" and "rng"; `sharded` is the model and optimizer for DCP (sharded
+    saves, and resuming from a sharded checkpoint in any layout). `meta` is what readers need to
+    rebuild the model (model_name, model_cfg, preprocess_cfg).
     """
 
     def __init__(self, cfg, info, metrics) -> None:
@@ -202,7 +203,11 @@ class CheckpointManager:
             self.writer.wait()
         future, self._dcp_future = self._dcp_future, None
         if future is not None:
-            future.result()
+            try:
+                future.result()
+            except Exception as exc:
+                raise CheckpointWriteError(f"rank {self.info.rank}: its part of a sharded checkpoint "
+                                           f"could not be written: {exc}") from exc
 
     def _save_sharded(self, step: int, epoch_done: bool, gathered: list[dict[str, Any]],
                       start: float) -> float:
@@ -352,9 +357,8 @@ class CheckpointManager:
 
     def close(self) -> None:
         try:
-            future, self._dcp_future = self._dcp_future, None
-            if future is not None:
-                future.result()
+            if self.writer is None:
+                self._wait_in_flight()
         finally:
             if self.writer is not None:
                 self.writer.close()
