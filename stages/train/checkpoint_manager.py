@@ -86,6 +86,8 @@ class CheckpointManager:
         # DCP's collectives run on its writer thread: a group of their own, never training's
         self._group = (dist.new_group(backend="gloo") if info.distributed and cfg.sharded_checkpoints
                        else None)
+        self._stager = sharded_checkpoint.stager() if cfg.sharded_checkpoints else None
+        self._dcp_staged: Any = None  # completes once DCP's copy of this rank's shards is taken
 
     # ------------------------------------------------------------ resume
 
@@ -220,7 +222,8 @@ class CheckpointManager:
             raise NonFiniteWeightsError(f"step {step}: weights are NaN/Inf; not writing a checkpoint of "
                                         "them (LATEST still names the last good one)")
         folder = checkpoints.sharded_uri(self.dir, step)
-        future, shard_writer = sharded_checkpoint.start_save(folder, state, self._group)
+        self._dcp_staged, future, shard_writer = sharded_checkpoint.start_save(folder, state, self._group,
+                                                                              self._stager)
         del state
         self.blocked = time.perf_counter() - start
         self.metrics.ckpt_blocking_seconds.set(self.blocked)
@@ -280,6 +283,12 @@ class CheckpointManager:
         return {"uri": uri, "sha256": sha256, "bytes": size}
 
     def _await_snapshot(self) -> None:
+        staged, self._dcp_staged = self._dcp_staged, None
+        if staged is not None:  # a sharded save: DCP's stager copies on its own thread
+            start = time.perf_counter()
+            staged.result()
+            self.blocked += time.perf_counter() - start
+            self.metrics.ckpt_blocking_seconds.set(self.blocked)
         done = self._snapshot_done
         if done is None or done.is_set():
             return
@@ -362,6 +371,8 @@ class CheckpointManager:
         finally:
             if self.writer is not None:
                 self.writer.close()
+            if self._stager is not None:
+                self._stager.close()
 
     def close_after_error(self) -> None:
         """Close while another error stops the run: that error is the one to report."""

@@ -1,9 +1,11 @@
 """Sharded checkpoints: every rank writes its own shard through torch.distributed.checkpoint.
 
 The model and the optimizer go through DCP as their sharded state dicts (DTensor shards under
---fsdp, nothing gathered onto one rank), with `dcp.async_save`: the loop blocks only while DCP
-copies this rank's shards to CPU memory; the files are written on DCP's thread, and DCP's
-`.metadata` is written by rank 0 once every rank's files are complete. Resume goes through
+--fsdp, nothing gathered onto one rank), with `dcp.async_save` and one DefaultStager kept for the
+run: the copy of this rank's shards to CPU memory is taken on the stager's thread (into the
+buffers of the previous copy, which DCP's stager caches), so only the next optimizer step waits
+for whatever is left of it, as for single files; the files are written on DCP's thread, and
+DCP's `.metadata` is written by rank 0 once every rank's files are complete. Resume goes through
 `dcp.load` into the state dicts of the model as it is sharded now, so a checkpoint written on N
 ranks resumes on M (DCP reshards). The folder layout and what "verifies" means are
 stages.common.checkpoints'; when to save, LATEST and pruning are the checkpoint manager's.
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -139,8 +142,21 @@ def has_nonfinite(model_state: dict[str, torch.Tensor]) -> bool:
     return False
 
 
-def start_save(folder: str, state: dict[str, Any],
-               process_group: dist.ProcessGroup | None) -> tuple[Any, ShardWriter]:
-    """Copy this rank's shards to CPU memory and write them in the background: (future, writer)."""
+def stager() -> DefaultStager:
+    """The run's stager: copies in a background thread (pinned memory on a GPU), buffers reused."""
+    cuda = torch.cuda.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                        use_async_staging=True, use_non_blocking_copy=cuda))
+
+
+def start_save(folder: str, state: dict[str, Any], process_group: dist.ProcessGroup | None,
+               staging: DefaultStager) -> tuple[Any, Any, ShardWriter]:
+    """Copy this rank's shards to CPU memory and write them, both in the background.
+
+    Returns (staged, written, writer): `staged` completes once the copy is taken (the tensors may
+    change after that), `written` once the checkpoint is complete (rank 0: .metadata written).
+    """
     writer = ShardWriter(folder)
-    return dcp.async_save(state, storage_writer=writer, process_group=process_group), writer
+    response = dcp.async_save(state, storage_writer=writer, process_group=process_group,
+                              async_stager=staging)
+    return response.staging_completion, response.upload_completion, writer
