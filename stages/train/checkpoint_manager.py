@@ -217,7 +217,9 @@ class CheckpointManager:
         state = self.sharded.state_dict()
         bad = torch.tensor([float(sharded_checkpoint.has_nonfinite(state["model"]))])
         if self.info.distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank refuses, or none does
+            # every rank refuses, or none does; on the checkpoint group (gloo: a CPU flag even
+            # under NCCL), idle here since the previous write is complete on every rank
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self._group)
         if bad.item():
             raise NonFiniteWeightsError(f"step {step}: weights are NaN/Inf; not writing a checkpoint of "
                                         "them (LATEST still names the last good one)")
