@@ -19,8 +19,21 @@ the checkpoint object is complete; `history` lists the previous entries (newest 
 HISTORY) that a reader falls back to when the target is missing, corrupt or unloadable. S3 has no
 rename, so readers trust only LATEST.
 
+A sharded checkpoint (--fsdp, or --checkpoint-format sharded) is a folder `step_<N>/` written by
+torch.distributed.checkpoint (DCP): one `__<rank>_<i>.distcp` file per rank, DCP's `.metadata`
+(written last, by rank 0, once every rank's files are complete) holding "model" and "optimizer"
+(keyed by parameter name); beside them `trainer.pt`, a torch-saved dict of everything else listed
+above (format, step, progress, scheduler, data, rng, config, model_name, ...), and each rank's
+`__<rank>_files.json` (bytes and sha256 of the files it wrote). Its LATEST entry is
+{step, uri (the folder), format "sharded", sha256 (of .metadata), bytes, files {name: {bytes,
+sha256}}[, consolidated {uri, sha256, bytes}]}. A folder *verifies* when `.metadata` is there and
+every file it names, and trainer.pt, is there with the bytes and sha256 that LATEST records (named
+directly without a LATEST that knows it: when they are all there). On request the whole checkpoint
+is also written as one format-2 file, `step_<N>/consolidated.pt`.
+
 `read()` is the one way to read a checkpoint (train's resume and --pretrained, evaluate, export);
-it also accepts format 1 files and open_clip_train's `{"state_dict", "epoch"}` checkpoints.
+it also accepts format 1 files, sharded folders (read in this process, no process group needed)
+and open_clip_train's `{"state_dict", "epoch"}` checkpoints.
 """
 
 from __future__ import annotations
@@ -42,7 +55,11 @@ FORMAT = "clipforge.checkpoint/2"
 FORMAT_V1 = "clipforge.checkpoint/1"
 LATEST = "LATEST"
 HISTORY = 3  # earlier checkpoints LATEST remembers for fallback (pruning spares the newest of them)
-_STEP_RE = re.compile(r"step_(\d+)\.pt$")
+_STEP_RE = re.compile(r"step_(\d+)(?:\.pt)?/?$")  # step_<N>.pt, or a sharded step_<N>/ folder
+SHARDED = "sharded"               # the LATEST entry's format of a step_<N>/ folder
+DCP_METADATA = ".metadata"        # DCP's; written last, after every rank's shard files
+TRAINER_FILE = "trainer.pt"       # a sharded checkpoint's non-tensor state (and the RNG states)
+CONSOLIDATED = "consolidated.pt"  # the whole checkpoint as one file, on request
 
 
 @dataclasses.dataclass
@@ -61,6 +78,7 @@ class Checkpoint:
     trainer: dict[str, Any] | None = None  # optimizer, scaler, scheduler, progress, data, rng, config
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # the train config that wrote it
     fallbacks: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (skipped uri, why)
+    shards: str | None = None  # a sharded checkpoint's folder: resume loads model and optimizer from it
 
     def summary(self) -> dict[str, Any]:
         """Plain facts about it (no tensors), for model cards and run records."""
@@ -135,8 +153,17 @@ def checkpoint_uri(ckpt_dir: str, step: int) -> str:
     return storage.join(ckpt_dir, f"step_{step}.pt")
 
 
+def sharded_uri(ckpt_dir: str, step: int) -> str:
+    return storage.join(ckpt_dir, f"step_{step}")
+
+
+def is_folder(uri: str) -> bool:
+    """Whether a step checkpoint URI is a sharded folder (not a step_<N>.pt)."""
+    return not uri.rstrip("/").endswith(".pt")
+
+
 def list_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
-    """(step, uri) of every step checkpoint in a folder, by step."""
+    """(step, uri) of every step checkpoint (file or sharded folder) in a folder, by step."""
     found = []
     for uri in storage.listdir(ckpt_dir):
         m = _STEP_RE.search(uri)
@@ -185,27 +212,36 @@ def _find_pointer(uri: str) -> tuple[str, dict[str, Any]] | None:
 
 # ---------------------------------------------------------------- reading
 
-def read(uri: str, map_location: str = "cpu") -> Checkpoint:
-    """The one reader: a step_<N>.pt, a LATEST file, a checkpoints/ folder or a run folder.
+def read(uri: str, map_location: str = "cpu", tensors: bool = True) -> Checkpoint:
+    """The one reader: a step_<N>.pt, a sharded step_<N>/ folder, a LATEST file, a checkpoints/
+    folder or a run folder.
 
     Through LATEST the sha256 is verified and a missing, corrupt or unloadable target falls back
     to the newest earlier entry that verifies (logged, and listed in `.fallbacks`). A file named
-    directly is verified when LATEST in its folder knows its hash.
+    directly is verified when LATEST in its folder knows its hash. `tensors=False`: a sharded
+    checkpoint is verified but its model is not loaded (a resume loads it sharded, from `.shards`).
     """
     if uri.rstrip("/").endswith(".pt"):
         return _read_file(uri.rstrip("/"), _known_sha256(uri.rstrip("/")), map_location)
+    if storage.exists(storage.join(uri.rstrip("/"), DCP_METADATA)):
+        folder = uri.rstrip("/")
+        return _read_folder(folder, _known_entry(folder).get("files"), tensors)
     found = _find_pointer(uri)
     if found is None:
         raise DataError(f"{uri}: no checkpoint there (expected a step_<N>.pt file, a LATEST pointer, "
                         "a checkpoints/ folder or a run folder with checkpoints/LATEST)")
-    return read_through(found[1], map_location, where=f"{found[0]}/{LATEST}")
+    return read_through(found[1], map_location, where=f"{found[0]}/{LATEST}", tensors=tensors)
 
 
-def read_through(pointer: dict[str, Any], map_location: str = "cpu", where: str = LATEST) -> Checkpoint:
+def read_through(pointer: dict[str, Any], map_location: str = "cpu", where: str = LATEST,
+                 tensors: bool = True) -> Checkpoint:
     skipped: list[tuple[str, str]] = []
     for entry in pointer_entries(pointer):
         try:
-            ckpt = _read_file(entry["uri"], entry.get("sha256"), map_location)
+            if is_folder(entry["uri"]):
+                ckpt = _read_folder(entry["uri"].rstrip("/"), entry.get("files"), tensors)
+            else:
+                ckpt = _read_file(entry["uri"], entry.get("sha256"), map_location)
         except (DataError, StorageError) as exc:
             skipped.append((entry["uri"], str(exc)))
             log.warning("checkpoint %s is unusable (%s); falling back to the previous one", entry["uri"], exc)
@@ -218,16 +254,120 @@ def read_through(pointer: dict[str, Any], map_location: str = "cpu", where: str 
                     + "; ".join(f"{u}: {why}" for u, why in skipped))
 
 
-def _known_sha256(path: str) -> str | None:
+def _known_entry(path: str) -> dict[str, Any]:
+    """LATEST's entry (in the folder above) for the step checkpoint at `path`; {} when none knows it."""
     folder = path.rsplit("/", 1)[0]
     try:
         pointer = read_latest(folder)
     except (DataError, StorageError):
-        return None
+        return {}
     for entry in pointer_entries(pointer) if pointer else []:
         if _step_of(entry.get("uri", "")) == _step_of(path):
-            return entry.get("sha256")
-    return None
+            return entry
+    return {}
+
+
+def _known_sha256(path: str) -> str | None:
+    if path.endswith("/" + CONSOLIDATED):  # step_<N>/consolidated.pt: its folder's entry knows it
+        return (_known_entry(path.rsplit("/", 1)[0]).get("consolidated") or {}).get("sha256")
+    return _known_entry(path).get("sha256")
+
+
+# ---------------------------------------------------------------- sharded folders
+
+def load_sharded(folder: str, keys: set[str] | None = None) -> dict[str, Any]:
+    """Full tensors of a DCP checkpoint, read in this process (no process group), as
+    torch.distributed.checkpoint.format_utils.dcp_to_torch_save reads them, on any fsspec store.
+    `keys`: top-level entries to read ("model", "optimizer"); None: all."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=shard_reader(folder),
+                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    return state
+
+
+def shard_reader(folder: str):
+    """DCP's fsspec reader on the filesystem stages.common.storage configures (S3 endpoint, timeouts)."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    reader = FsspecReader(folder)
+    reader.fs.fs = storage.filesystem(folder)[0]
+    return reader
+
+
+def shard_files(folder: str) -> set[str]:
+    """The files DCP's .metadata names (relative to the folder)."""
+    import pickle
+
+    try:
+        metadata = pickle.loads(storage.read_bytes(storage.join(folder, DCP_METADATA)))
+        return {info.relative_path for info in metadata.storage_data.values()}
+    except StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise DataError(f"{folder}: no {DCP_METADATA}; the sharded checkpoint is incomplete") from exc
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt metadata file
+        raise DataError(f"{folder}/{DCP_METADATA} is not DCP metadata: {exc}") from exc
+
+
+def verify_folder(folder: str, files: dict[str, dict[str, Any]] | None) -> None:
+    """Raise DataError unless the folder verifies (see the module docstring)."""
+    if files and DCP_METADATA in files:
+        _verify_file(folder, DCP_METADATA, files[DCP_METADATA])
+    needed = shard_files(folder) | {TRAINER_FILE}
+    for name in sorted(needed):
+        if files is None:
+            if not storage.exists(storage.join(folder, name)):
+                raise DataError(f"{folder}: {name} is missing; the sharded checkpoint is incomplete")
+        elif name not in files:
+            raise DataError(f"{folder}: {name} is not among the files LATEST records for it")
+        else:
+            _verify_file(folder, name, files[name])
+
+
+def _verify_file(folder: str, name: str, record: dict[str, Any]) -> None:
+    uri = storage.join(folder, name)
+    try:
+        found = storage.size(uri)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise DataError(f"{uri}: missing; the sharded checkpoint is incomplete") from exc
+        raise
+    if found != record["bytes"]:
+        raise DataError(f"{uri}: {found} bytes, LATEST records {record['bytes']}; the shard is "
+                        "truncated or was replaced")
+    if hash_object(uri) != record["sha256"]:
+        raise DataError(f"{uri}: sha256 does not match LATEST; the shard is corrupt or was replaced")
+
+
+def hash_object(uri: str, chunk: int = 16 * 2**20) -> str:
+    digest = hashlib.sha256()
+    with storage.open_read(uri) as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_folder(folder: str, files: dict[str, dict[str, Any]] | None, tensors: bool = True) -> Checkpoint:
+    import io
+
+    import torch
+
+    verify_folder(folder, files)
+    side_uri = storage.join(folder, TRAINER_FILE)
+    try:
+        side = torch.load(io.BytesIO(storage.read_bytes(side_uri)), map_location="cpu", weights_only=True)
+        model = load_sharded(folder, {"model"})["model"] if tensors else {}
+    except (DataError, StorageError):
+        raise
+    except Exception as exc:
+        raise DataError(f"{folder} is not a loadable sharded clipforge checkpoint: {exc}") from exc
+    trainer = {k: side.get(k) for k in _TRAINER_KEYS}  # "optimizer" stays in the shards
+    return Checkpoint(folder, side["format"], int(side["step"]), int(side["epoch"]), int(side["samples_seen"]),
+                      model, side.get("model_name") or "", side.get("model_cfg"),
+                      side.get("preprocess_cfg") or {}, trainer, side.get("config") or {}, shards=folder)
 
 
 def _read_file(path: str, sha256: str | None, map_location: str) -> Checkpoint:
@@ -328,7 +468,7 @@ def prune(ckpt_dir: str, keep_last: int) -> tuple[list[str], list[str]]:
     deleted, failures = [], []
     for uri in doomed:
         try:
-            storage.delete(uri)
+            storage.delete(uri, recursive=is_folder(uri))
             deleted.append(uri)
         except StorageError as exc:
             failures.append(str(exc))

@@ -13,7 +13,8 @@ class EvaluateConfig(CommonConfig):
     """Zero-shot classification and image-text retrieval of a checkpoint on eval sets in any store."""
 
     checkpoint: str = dataclasses.field(default="", metadata={
-        "help": "model to evaluate: a step_<N>.pt file, a LATEST pointer, a checkpoints/ or run folder, "
+        "help": "model to evaluate: a step_<N>.pt file, a sharded step_<N>/ folder, a LATEST pointer, a "
+                "checkpoints/ or run folder, "
                 "or an exported open_clip folder (default: the run folder {root}/{run_id})"})
     eval_data: list[str] = dataclasses.field(default_factory=list, metadata={
         "help": "eval sets in CLIP_benchmark wds layout, as URI or NAME=URI (name defaults to the "

@@ -18,7 +18,8 @@ class ExportConfig(CommonConfig):
     """Export a checkpoint in open_clip's Hub layout (config, safetensors, model card); optionally push it."""
 
     checkpoint: str = dataclasses.field(default="", metadata={
-        "help": "checkpoint to export: a step_<N>.pt file, a LATEST pointer, a checkpoints/ or run folder "
+        "help": "checkpoint to export: a step_<N>.pt file, a sharded step_<N>/ folder, a LATEST pointer, "
+                "a checkpoints/ or run folder "
                 "(default: the run folder {root}/{run_id})"})
     output: str = dataclasses.field(default="", metadata={
         "help": "folder to write the export to, any fsspec URI (default: {run}/export)"})

@@ -15,7 +15,8 @@ Why not torch.distributed.checkpoint's async_save: it writes a folder of per-ran
 metadata file, which neither a plain `torch.load(weights_only=True)` nor the step_<N>.pt + sha256
 LATEST contract reads; converting it back (dcp_to_torch_save) would cost the full second copy
 this avoids. With DDP every rank holds the same weights and optimizer state, so one writer on
-rank 0 already has everything, and sharded writes buy nothing until the model is sharded (FSDP).
+rank 0 already has everything, and sharded writes buy nothing until the model is sharded: with
+--fsdp, checkpoints are sharded by default and go through DCP (stages.train.sharded_checkpoint).
 """
 
 from __future__ import annotations

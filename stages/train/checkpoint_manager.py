@@ -7,6 +7,13 @@ marked `collective`, such as a sharded model, is called on every rank and gather
 parts (the data loader's position, the RNG) are gathered from every rank with all_gather_object
 and saved as lists, so each rank gets its own back. The file layout and LATEST are
 stages.common.checkpoints'; the background write is stages.train.async_save's.
+
+With sharded checkpoints (--fsdp, or --checkpoint-format sharded) the model and optimizer are not
+gathered: every rank hands its shards to torch.distributed.checkpoint's async_save
+(stages.train.sharded_checkpoint), on a gloo group of its own so that DCP's collectives on its
+thread never interleave with training's. Rank 0's writer thread waits for DCP to finish (every
+rank's files and .metadata written), then writes trainer.pt (everything else), optionally the
+consolidated file, and only then LATEST.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from stages.common import checkpoints
+from stages.common import checkpoints, storage
 from stages.common.config import to_dict
 from stages.common.errors import ClipforgeError, DataError, StorageError
+from stages.train import sharded_checkpoint
 from stages.train.async_save import BackgroundWriter, snapshot
 
 log = logging.getLogger("clipforge.train")
@@ -54,8 +62,9 @@ class CheckpointManager:
     """Owns the save interval, --keep-last, save, load, LATEST and the fallback.
 
     `replicated` must hold "model", "optimizer", "scheduler", "progress" (and "scaler" with amp);
-    `per_rank` holds "data" and "rng". `meta` is what readers need to rebuild the model
-    (model_name, model_cfg, preprocess_cfg).
+    `per_rank` holds "data" and "rng"; `sharded` is the model and optimizer for DCP (sharded
+    saves, and resuming from a sharded checkpoint in any layout). `meta` is what readers need to
+    rebuild the model (model_name, model_cfg, preprocess_cfg).
     """
 
     def __init__(self, cfg, info, metrics) -> None:
@@ -72,6 +81,13 @@ class CheckpointManager:
         self._snapshot_done: threading.Event | None = None
         self.blocked = 0.0           # seconds the loop waited for the last save (gather + snapshot left)
         self.snapshot_seconds = 0.0  # seconds the last snapshot took in the background
+        self.sharded: sharded_checkpoint.ShardedState | None = None  # model + optimizer, for DCP
+        self._dcp_future: Any = None  # this rank's DCP write in flight (sharded checkpoints)
+        # DCP's collectives run on its writer thread: a group of their own, never training's
+        self._group = (dist.new_group(backend="gloo") if info.distributed and cfg.sharded_checkpoints
+                       else None)
+        self._stager = sharded_checkpoint.stager() if cfg.sharded_checkpoints else None
+        self._dcp_staged: Any = None  # completes once DCP's copy of this rank's shards is taken
 
     # ------------------------------------------------------------ resume
 
@@ -85,7 +101,7 @@ class CheckpointManager:
             if ckpt is None:
                 return None
         else:
-            ckpt = checkpoints.read(resume)
+            ckpt = checkpoints.read(resume, tensors=False)
         for uri, why in ckpt.fallbacks:
             self.fallbacks += 1
             self.metrics.ckpt_fallbacks.inc()
@@ -109,15 +125,19 @@ class CheckpointManager:
             self.metrics.ckpt_fallbacks.inc()
         if pointer is None:
             return None
-        return checkpoints.read_through(pointer, where=f"{self.dir}/{checkpoints.LATEST}")
+        return checkpoints.read_through(pointer, where=f"{self.dir}/{checkpoints.LATEST}", tensors=False)
 
     def restore(self, ckpt: checkpoints.Checkpoint) -> None:
         """Every part's state back from a checkpoint; each rank takes its own per-rank entry."""
         trainer = ckpt.trainer
         for name, part in self.replicated.items():
+            if ckpt.shards and name in ("model", "optimizer"):
+                continue  # loaded below, each rank its own shards
             state = ckpt.model if name == "model" else trainer.get(name)
             if state is not None:
                 part.load_state_dict(state)
+        if ckpt.shards:
+            self.sharded.load(ckpt.shards, self._group)
         ckpt.model = {}
         data = trainer.get("data") or {"world_size": 0, "ranks": []}
         self.per_rank["data"].load_state_dict(data)
@@ -148,12 +168,13 @@ class CheckpointManager:
     def save(self, step: int, epoch_done: bool) -> float:
         """Gather the state and hand it to the writer; returns seconds the loop blocked here."""
         start = time.perf_counter()
-        if self.writer is not None:
-            self.writer.wait()  # at most one write in flight
+        self._wait_in_flight()  # at most one write in flight
         mine = {name: part.state_dict() for name, part in self.per_rank.items()}
         if epoch_done:
             mine["data"] = None
         gathered = self._gather(mine)
+        if self.cfg.sharded_checkpoints:
+            return self._save_sharded(step, epoch_done, gathered, start)
         # a sharded part (--fsdp) gathers its full state with collectives: every rank calls it
         collective = {name: part.state_dict() for name, part in self.replicated.items()
                       if getattr(part, "collective", False)}
@@ -161,20 +182,115 @@ class CheckpointManager:
             return time.perf_counter() - start
         live = {name: collective[name] if name in collective else part.state_dict()
                 for name, part in self.replicated.items()}  # tensors by reference
-        progress = live["progress"]
-        if epoch_done:  # an epoch-end checkpoint resumes at the start of the next epoch
-            progress.update(epoch=progress["epoch"] + 1, epoch_samples=0)
-        world = self.info.world_size
-        extra = {"data": {"world_size": world, "ranks": [] if epoch_done else [g["data"] for g in gathered]},
-                 "rng": {"world_size": world, "ranks": [g["rng"] for g in gathered]},
-                 "config": to_dict(self.cfg)}
+        extra = self._resume_state(live["progress"], gathered, epoch_done)
         self._snapshot_done = threading.Event()
         self.blocked = time.perf_counter() - start
         self.metrics.ckpt_blocking_seconds.set(self.blocked)
         self.writer.submit(lambda: self._write(live, extra, step, self._snapshot_done))
         return self.blocked
 
+    def _resume_state(self, progress: dict[str, Any], gathered: list[dict[str, Any]],
+                      epoch_done: bool) -> dict[str, Any]:
+        """Per-rank data positions and RNG states, and the config; `progress` moves on at an epoch end."""
+        if epoch_done:  # an epoch-end checkpoint resumes at the start of the next epoch
+            progress.update(epoch=progress["epoch"] + 1, epoch_samples=0)
+        world = self.info.world_size
+        return {"data": {"world_size": world, "ranks": [] if epoch_done else [g["data"] for g in gathered]},
+                "rng": {"world_size": world, "ranks": [g["rng"] for g in gathered]},
+                "config": to_dict(self.cfg)}
+
+    def _wait_in_flight(self) -> None:
+        """Rank 0: its writer thread's job (DCP's write, then LATEST); other ranks: their DCP write."""
+        if self.writer is not None:
+            self.writer.wait()
+        future, self._dcp_future = self._dcp_future, None
+        if future is not None:
+            try:
+                future.result()
+            except Exception as exc:
+                raise CheckpointWriteError(f"rank {self.info.rank}: its part of a sharded checkpoint "
+                                           f"could not be written: {exc}") from exc
+
+    def _save_sharded(self, step: int, epoch_done: bool, gathered: list[dict[str, Any]],
+                      start: float) -> float:
+        """Every rank: its shards to DCP's async_save; rank 0 then queues the rest and LATEST."""
+        state = self.sharded.state_dict()
+        bad = torch.tensor([float(sharded_checkpoint.has_nonfinite(state["model"]))])
+        if self.info.distributed:
+            # every rank refuses, or none does; on the checkpoint group (gloo: a CPU flag even
+            # under NCCL), idle here since the previous write is complete on every rank
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self._group)
+        if bad.item():
+            raise NonFiniteWeightsError(f"step {step}: weights are NaN/Inf; not writing a checkpoint of "
+                                        "them (LATEST still names the last good one)")
+        folder = checkpoints.sharded_uri(self.dir, step)
+        self._dcp_staged, future, shard_writer = sharded_checkpoint.start_save(folder, state, self._group,
+                                                                              self._stager)
+        del state
+        self.blocked = time.perf_counter() - start
+        self.metrics.ckpt_blocking_seconds.set(self.blocked)
+        if not self.info.is_main:
+            self._dcp_future = future
+            return self.blocked
+        live = {name: part.state_dict() for name, part in self.replicated.items()
+                if name not in ("model", "optimizer")}
+        extra = self._resume_state(live["progress"], gathered, epoch_done)
+        progress = live["progress"]
+        side = snapshot({"format": checkpoints.FORMAT, "step": step, "epoch": progress["epoch"],
+                         "samples_seen": progress["samples_seen"], **self.meta, **live, **extra})
+        self.writer.submit(lambda: self._finish_sharded(folder, future, shard_writer, side, step))
+        return self.blocked
+
+    def _finish_sharded(self, folder: str, future: Any, shard_writer: Any, side: dict[str, Any],
+                        step: int) -> dict[str, Any]:
+        """Rank 0's writer thread: once DCP is done, trainer.pt, the consolidated file, LATEST."""
+        start = time.perf_counter()
+        named = self.last_pointer["uri"] if self.last_pointer else "nothing yet"
+        try:
+            future.result()
+        except Exception as exc:
+            raise CheckpointWriteError(f"sharded checkpoint step {step} could not be written: {exc}; "
+                                       f"LATEST still names {named}") from exc
+        dcp_seconds = time.perf_counter() - start
+        try:
+            trainer_uri = storage.join(folder, checkpoints.TRAINER_FILE)
+            sha256, size = checkpoints.write_stream(trainer_uri, lambda f: torch.save(side, f))
+            files = {**shard_writer.manifest, checkpoints.TRAINER_FILE: {"bytes": size, "sha256": sha256}}
+            entry = {"step": step, "uri": folder, "format": checkpoints.SHARDED,
+                     "sha256": files[checkpoints.DCP_METADATA]["sha256"],
+                     "bytes": sum(f["bytes"] for f in files.values()), "files": files}
+            if self.cfg.consolidate_checkpoint:
+                entry["consolidated"] = self._consolidate(folder, side)
+            pointer = checkpoints.publish(self.dir, entry)
+        except StorageError as exc:
+            raise CheckpointWriteError(f"checkpoint step {step} could not be written: {exc}; "
+                                       f"LATEST still names {named}") from exc
+        self.last_pointer = pointer
+        pruned = self._prune()
+        seconds = time.perf_counter() - start
+        log.info("checkpoint step %d -> %s (%.1f MB sharded, %.2fs in the background, of which %.2fs "
+                 "DCP's write; %.2fs blocking%s)", step, folder, entry["bytes"] / 1e6, seconds, dcp_seconds,
+                 self.blocked, f", pruned {pruned}" if pruned else "")
+        self.metrics.ckpt_seconds.set(seconds)
+        self.metrics.ckpt_step.set(step)
+        self.metrics.ckpt_time.set_to_current_time()
+        return pointer
+
+    def _consolidate(self, folder: str, side: dict[str, Any]) -> dict[str, Any]:
+        """The whole checkpoint as one format-2 file in the folder, read back as any reader reads it."""
+        full = checkpoints.load_sharded(folder)
+        record = {**side, "model": full["model"], "optimizer": full["optimizer"]}
+        uri = storage.join(folder, checkpoints.CONSOLIDATED)
+        sha256, size = checkpoints.write_stream(uri, lambda f: torch.save(record, f))
+        return {"uri": uri, "sha256": sha256, "bytes": size}
+
     def _await_snapshot(self) -> None:
+        staged, self._dcp_staged = self._dcp_staged, None
+        if staged is not None:  # a sharded save: DCP's stager copies on its own thread
+            start = time.perf_counter()
+            staged.result()
+            self.blocked += time.perf_counter() - start
+            self.metrics.ckpt_blocking_seconds.set(self.blocked)
         done = self._snapshot_done
         if done is None or done.is_set():
             return
@@ -246,13 +362,19 @@ class CheckpointManager:
             self.writer.check()
 
     def wait(self) -> None:
-        """Block until the write in flight is complete and LATEST names it."""
-        if self.writer is not None:
-            self.writer.wait()
+        """Block until the write in flight is complete and LATEST names it (rank 0), or this
+        rank's part of it is (the others, with sharded checkpoints)."""
+        self._wait_in_flight()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            if self.writer is None:
+                self._wait_in_flight()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            if self._stager is not None:
+                self._stager.close()
 
     def close_after_error(self) -> None:
         """Close while another error stops the run: that error is the one to report."""

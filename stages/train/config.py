@@ -76,6 +76,12 @@ class TrainConfig(CommonConfig):
     save_every_steps: int = _f(1000, "write a checkpoint every N steps (and always at the end); 0: end only")
     keep_last: int = _f(5, "keep only the newest K step checkpoints (0: keep all); LATEST's target "
                            "and the earlier ones it falls back to are never deleted")
+    checkpoint_format: str = _f("", "'sharded': each rank writes its shard through "
+                                    "torch.distributed.checkpoint into a step_<N>/ folder; 'single': "
+                                    "rank 0 writes one step_<N>.pt (default: sharded with --fsdp, "
+                                    "else single)", choices=["", "sharded", "single"])
+    consolidate_checkpoint: bool = _f(False, "with sharded checkpoints, also write the whole "
+                                             "checkpoint as one file, step_<N>/consolidated.pt")
     resume: str = _f("", "'latest' (this run's checkpoints, if any) or a checkpoint URI")
     max_nonfinite_steps: int = _f(20, "stop after this many non-finite losses in a row")
     step_timeout: float = _f(0.0, "seconds without step progress after which a rank logs where it hung "
@@ -171,6 +177,10 @@ class TrainConfig(CommonConfig):
         return f"{self.run_dir}/checkpoints"
 
     @property
+    def sharded_checkpoints(self) -> bool:
+        return self.checkpoint_format == "sharded" or (not self.checkpoint_format and self.fsdp)
+
+    @property
     def has_val(self) -> bool:
         return self.val_data.lower() not in ("", "none")
 
@@ -186,6 +196,9 @@ class TrainConfig(CommonConfig):
         if self.fsdp and self.ddp_static_graph:
             raise ConfigError("--ddp-static-graph applies to DDP; with --fsdp there is no DDP wrapper, "
                               "drop one of the two")
+        if self.consolidate_checkpoint and not self.sharded_checkpoints:
+            raise ConfigError("--consolidate-checkpoint applies to sharded checkpoints (--fsdp or "
+                              "--checkpoint-format sharded); single-file checkpoints are one file already")
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
             raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:

@@ -7,9 +7,10 @@ logit scale (and SigLIP's bias) stay replicated and their gradients are averaged
 follows --precision: amp/amp_bf16 compute in fp16/bf16 while the sharded master weights, the
 gradient reduction and the optimizer stay in fp32; fp32 and pure bf16 need no policy.
 
-State for checkpoints goes through torch.distributed.checkpoint.state_dict, so a --fsdp
-checkpoint holds full, unsharded tensors keyed like a DDP one (the optimizer state keyed by
-parameter name) and every reader of checkpoints reads it unchanged.
+Checkpoints are sharded by default under --fsdp (stages.train.sharded_checkpoint). The Statefuls
+here serve single-file checkpoints (--checkpoint-format single): through
+torch.distributed.checkpoint.state_dict they gather full, unsharded tensors keyed like a DDP
+checkpoint's (the optimizer state keyed by parameter name), which every reader reads unchanged.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from stages.common.distributed import (
 )
 from stages.common.errors import ConfigError, DataError
 from stages.common.logs import setup_logging
-from stages.train import fsdp, optim, zeroshot
+from stages.train import fsdp, optim, sharded_checkpoint, zeroshot
 from stages.train.checkpoint_manager import CheckpointManager
 from stages.train.config import TrainConfig
 from stages.train.loop import NonFiniteGuard, StepOutcome, TrainStep, step_groups
@@ -189,6 +189,7 @@ def setup(cfg: TrainConfig, info: DistInfo, metrics: TrainMetrics, manager: Chec
     if scaler is not None:
         manager.replicated["scaler"] = scaler
     manager.per_rank = {"data": data, "rng": RNGState()}
+    manager.sharded = sharded_checkpoint.ShardedState(bundle.model, optimizer)
     manager.guard(optimizer)
     manager.meta = {"model_name": bundle.model_name, "model_cfg": bundle.model_cfg,
                     "preprocess_cfg": bundle.preprocess_cfg}

@@ -39,6 +39,13 @@ def test_fsdp_with_ddp_static_graph(capsys, tmp_path, train_shards):
     assert rc == 2 and "--ddp-static-graph applies to DDP; with --fsdp" in err
 
 
+@pytest.mark.parametrize("fmt", [[], ["--checkpoint-format", "single"]])
+def test_consolidating_a_single_file_checkpoint(capsys, tmp_path, train_shards, fmt):
+    rc, err = _fails(capsys, tmp_path, "--train-data", str(train_shards), "--consolidate-checkpoint", *fmt,
+                     *(["--fsdp"] if fmt else []))
+    assert rc == 2 and "--consolidate-checkpoint applies to sharded checkpoints" in err
+
+
 def test_accum_needs_more_data_than_given(capsys, tmp_path, train_shards):
     rc, err = _fails(capsys, tmp_path, "--train-data", str(train_shards), "--batch-size", "16",
                      "--accum-freq", "4", "--train-num-samples", "32")

@@ -1,13 +1,17 @@
-"""--fsdp (FSDP2) on 2 gloo ranks under real torchrun, against DDP at the same global batch."""
+"""--fsdp (FSDP2) on 2 gloo ranks under real torchrun, against DDP at the same global batch, and
+its sharded checkpoints (torch.distributed.checkpoint folders): resharded resume, readers, faults."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
 
 import pytest
 import torch
 from trainrun import (
+    children,
     kill_a_worker_when,
     latest,
     load_checkpoint,
@@ -17,8 +21,10 @@ from trainrun import (
     step_lines,
     torchrun_cmd,
     train_env,
+    wait_for,
 )
 
+from stages.common import checkpoints
 from tests.conftest import REPO
 
 REL = 1e-4
@@ -49,7 +55,8 @@ def runs(train_shards, tmp_path_factory):
     for accum, extra in ((1, []), (2, ["--local-loss", "--gather-with-grad"])):
         flags = ["--accum-freq", str(accum), *extra]
         out[("ddp", accum)] = _train(root, train_shards, env, f"ddp{accum}", *flags)
-        out[("fsdp", accum)] = _train(root, train_shards, env, f"fsdp{accum}", *flags, "--fsdp")
+        consolidate = ["--consolidate-checkpoint"] if accum == 1 else []
+        out[("fsdp", accum)] = _train(root, train_shards, env, f"fsdp{accum}", *flags, "--fsdp", *consolidate)
     return out
 
 
@@ -90,19 +97,42 @@ def test_fsdp_holds_about_half_the_parameter_and_optimizer_state_per_rank(runs):
 
 
 def _step_file(runs, name: str, step: int) -> str:
+    """The step checkpoint of a run: step_<N>.pt (DDP) or the sharded folder step_<N> (--fsdp)."""
     pointer = latest(runs["root"] / name / "checkpoints")
     assert pointer["step"] == STEPS
-    return pointer["uri"].replace(f"step_{STEPS}.pt", f"step_{step}.pt")
+    return pointer["uri"].replace(f"step_{STEPS}", f"step_{step}")
 
 
 @pytest.mark.slow
-def test_an_fsdp_checkpoint_holds_the_full_weights_as_a_ddp_one_does(runs):
-    fsdp_ckpt = load_checkpoint(_step_file(runs, "fsdp1", STEPS))
-    ddp_ckpt = load_checkpoint(_step_file(runs, "ddp1", STEPS))
-    assert fsdp_ckpt["model"].keys() == ddp_ckpt["model"].keys()
-    for key, ddp_value in ddp_ckpt["model"].items():
-        torch.testing.assert_close(fsdp_ckpt["model"][key], ddp_value, rtol=1e-3, atol=1e-5, msg=key)
-    assert fsdp_ckpt["model_name"] == ddp_ckpt["model_name"]
+def test_an_fsdp_run_writes_sharded_checkpoints_that_latest_records_file_by_file(runs):
+    pointer = latest(runs["root"] / "fsdp1" / "checkpoints")
+    folder = runs["root"] / "fsdp1" / "checkpoints" / f"step_{STEPS}"
+    assert pointer["format"] == "sharded" and pointer["uri"] == str(folder)
+    shards = sorted(name for name in pointer["files"] if name.endswith(".distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shard
+    assert {".metadata", "trainer.pt"} <= pointer["files"].keys()
+    for name, record in pointer["files"].items():
+        assert (folder / name).stat().st_size == record["bytes"], name
+    assert [e["step"] for e in pointer["history"]] == [5]
+    # DDP's checkpoint stays a single file
+    assert latest(runs["root"] / "ddp1" / "checkpoints")["uri"].endswith(f"step_{STEPS}.pt")
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_reads_without_a_process_group_as_the_ddp_one_and_its_consolidated_file(runs):
+    sharded = checkpoints.read(str(runs["root"] / "fsdp1"))  # run folder -> LATEST -> step_10/
+    consolidated_uri = latest(runs["root"] / "fsdp1" / "checkpoints")["consolidated"]["uri"]
+    consolidated = checkpoints.read(consolidated_uri)  # verified against LATEST's sha256
+    ddp = checkpoints.read(str(runs["root"] / "ddp1"))
+    assert sharded.step == consolidated.step == ddp.step == STEPS
+    assert sharded.model.keys() == ddp.model.keys() == consolidated.model.keys()
+    for key, ddp_value in ddp.model.items():
+        torch.testing.assert_close(sharded.model[key], ddp_value, rtol=1e-3, atol=1e-5, msg=key)
+        torch.testing.assert_close(consolidated.model[key], sharded.model[key], rtol=0, atol=0, msg=key)
+    assert sharded.model_name == ddp.model_name
+    # the consolidated file is a plain format-2 checkpoint: torch.load reads it, optimizer and all
+    raw = load_checkpoint(consolidated_uri)
+    assert raw["format"] == checkpoints.FORMAT and "logit_scale" in raw["optimizer"]["state"]
 
 
 @pytest.mark.slow
@@ -110,10 +140,70 @@ def test_an_fsdp_checkpoint_holds_the_full_weights_as_a_ddp_one_does(runs):
     ("fsdp1", True, 2), ("fsdp1", True, 1), ("fsdp1", False, 2), ("ddp1", True, 2)])
 def test_a_checkpoint_resumes_the_same_with_and_without_fsdp_on_2_and_on_1_rank(runs, written_by, fsdp,
                                                                                  ranks):
-    # the reference: the DDP checkpoint of the same run resumed under DDP on as many ranks
-    # (so both read the data from the same position in the same layout)
+    # fsdp1's are sharded (resumed through dcp.load, resharded onto 1 rank), ddp1's single files.
+    # The reference: the DDP checkpoint of the same run resumed under DDP on as many ranks (a
+    # resumed run's loader draws fresh augmentations, so it is not bit-equal to the uninterrupted one)
     _assert_same_losses(_resume(runs, written_by, fsdp, ranks), _resume(runs, "ddp1", False, ranks),
                         steps=STEPS - 5)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_written_on_1_rank_reshards_onto_2(runs):
+    """1 -> 2: the sharded folder resumed under --fsdp on 2 ranks continues as its consolidated
+    single file (the same state, read as one file) does under DDP on 2 ranks."""
+    root, shards, env = runs["root"], runs["shards"], runs["env"]
+    _train(root, shards, env, "one", "--batch-size", "16", "--checkpoint-format", "sharded",
+           "--consolidate-checkpoint", ranks=1, steps=5)
+    pointer = latest(root / "one" / "checkpoints")
+    assert pointer["format"] == "sharded" and pointer["step"] == 5
+    resumed = {}
+    for name, source, extra in (("one-fsdp", pointer["uri"], ["--fsdp"]),
+                                ("one-ddp", pointer["consolidated"]["uri"], [])):
+        resumed[name] = _train(root, shards, env, name, "--resume", source, *extra)[0]
+    _assert_same_losses(resumed["one-fsdp"], resumed["one-ddp"], steps=STEPS - 5)
+
+
+def _copy_checkpoints(runs, tmp_path, name: str = "fsdp1"):
+    ckpts = tmp_path / name / "checkpoints"
+    shutil.copytree(runs["root"] / name / "checkpoints", ckpts)
+    pointer = latest(ckpts)
+    for entry in [pointer, *pointer["history"]]:  # LATEST names absolute folders: point it at the copy
+        entry["uri"] = entry["uri"].replace(str(runs["root"]), str(tmp_path))
+    (ckpts / "LATEST").write_text(__import__("json").dumps(pointer))
+    return ckpts
+
+
+def _flip_a_byte(path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+DAMAGE = {
+    "a flipped byte in rank 1's shard": (lambda d: _flip_a_byte(d / "__1_0.distcp"), "sha256 does not match"),
+    "rank 0's shard deleted": (lambda d: (d / "__0_0.distcp").unlink(), "missing"),
+    ".metadata deleted": (lambda d: (d / ".metadata").unlink(), "incomplete"),
+    "trainer.pt truncated": (lambda d: os.truncate(d / "trainer.pt", 100), "bytes, LATEST records"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_sharded_checkpoint_is_detected_and_the_reader_falls_back(runs, tmp_path, damage):
+    from stages.common.errors import DataError
+
+    ckpts = _copy_checkpoints(runs, tmp_path)
+    folder = ckpts / f"step_{STEPS}"
+    harm, why = DAMAGE[damage]
+    harm(folder)
+    ckpt = checkpoints.read(str(ckpts))
+    assert ckpt.step == 5 and ckpt.uri == str(ckpts / "step_5")
+    assert [uri for uri, _ in ckpt.fallbacks] == [str(folder)]
+    assert why in ckpt.fallbacks[0][1], ckpt.fallbacks
+    with pytest.raises(DataError):  # named directly, the damaged folder is refused, not half-read
+        checkpoints.read(str(folder))
 
 
 @pytest.mark.slow
@@ -167,10 +257,49 @@ def test_an_fsdp_rank_killed_mid_run_restarts_from_latest_and_finishes(train_sha
     saved = lambda: (latest(root / "k" / "checkpoints") or {}).get("step", 0) >= 8  # noqa: E731
     kill_a_worker_when(saved, "an --fsdp checkpoint at step 8", proc, tmp_path / "log")
     log = (tmp_path / "log").read_text()
-    resumed = [int(s) for s in re.findall(r"resumed from \S+step_(\d+)\.pt at step", log)]
+    resumed = [int(s) for s in re.findall(r"resumed from \S+step_(\d+) at step", log)]
     assert len(resumed) == 1 and resumed[0] >= 8, log[-3000:]
     outputs = run_json(root / "k")["stages"]["train"]["outputs"]
     assert outputs["step"] == 16 and outputs["parallel"] == "fsdp"
-    final = load_checkpoint(latest(root / "k" / "checkpoints")["uri"])
-    assert final["step"] == final["progress"]["step"] == 16
-    assert "logit_scale" in final["optimizer"]["state"]  # the --fsdp layout: keyed by parameter name
+    final = checkpoints.read(str(root / "k"))
+    assert final.step == final.trainer["progress"]["step"] == 16
+    optimizer = checkpoints.load_sharded(final.shards, {"optimizer"})["optimizer"]
+    assert "logit_scale" in optimizer["state"]  # keyed by parameter name
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_save_on_s3_leaves_latest_on_the_last_complete_checkpoint(flaky_s3, train_shards,
+                                                                                    tmp_path):
+    """The store crawls while the step-8 shards upload; a rank dies inside that write. LATEST
+    still names step 4, the restart resumes from it, and --keep-last prunes whole folders."""
+    bucket, proxy = flaky_s3
+    env = {**_env(), **{k: v for k, v in os.environ.items() if k.startswith(("AWS_", "CLIPFORGE_STORAGE"))}}
+    cmd = torchrun_cmd("--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+                       "--monitor-interval", "0.2", train_args=[
+                           "--train-data", str(train_shards), "--root", bucket, "--run-id", "cut",
+                           "--batch-size", "8", "--steps", "16", "--save-every-steps", "4",
+                           "--keep-last", "2", "--resume", "latest", "--fsdp"])
+    proc = start(cmd, env, tmp_path / "log")
+    ckpts = f"{bucket}/cut/checkpoints"
+    try:
+        wait_for(lambda: "checkpoint step 4 ->" in (tmp_path / "log").read_text(), 240, "step 4", proc)
+        proxy.delay_s = 0.2
+        wait_for(lambda: any("step_8/__" in r for r in proxy.requests), 120, "the step-8 shards uploading",
+                 proc)
+        assert checkpoints.read_latest(ckpts)["step"] == 4
+        os.kill(wait_for(lambda: children(proc.pid), 10, "torchrun's workers", proc)[-1], signal.SIGKILL)
+        proxy.delay_s = 0.0
+        assert proc.wait(400) == 0, (tmp_path / "log").read_text()[-3000:]
+    finally:
+        proxy.delay_s = 0.0
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log").read_text()
+    before_kill = log.split("resumed from", 1)[0]
+    assert "checkpoint step 8 ->" not in before_kill, "the save was not interrupted"
+    assert re.findall(r"resumed from \S+step_(\d+) at step", log) == ["4"], log[-3000:]
+    pointer = checkpoints.read_latest(ckpts)
+    assert pointer["step"] == 16 and pointer["format"] == "sharded"
+    assert checkpoints.read(ckpts).step == 16  # verifies, on S3 as locally
+    # --keep-last 2: old folders are deleted whole (the cut step-8 one was rewritten after the resume)
+    assert [step for step, _ in checkpoints.list_checkpoints(ckpts)] == [12, 16]
