@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stages.common import shards as wds_shards
 from stages.common.shards import SampleKeys, Unusable, rank_shards
 from stages.evaluate import labels
 from stages.evaluate.evalsets import MULTILABEL, RETRIEVAL, EvalSet
+from stages.train.data.decode import ImageDecoder
 
 
 def share(total: int | None, part: int, parts: int) -> int | None:
@@ -32,7 +32,12 @@ class EvalStream(IterableDataset):
     def __init__(self, evalset: EvalSet, preprocess: Callable, batch_size: int, keys: SampleKeys,
                  rank: int, world: int, max_samples: int | None):
         super().__init__()
-        self.evalset, self.preprocess, self.batch_size, self.keys = evalset, preprocess, batch_size, keys
+        self.evalset, self.batch_size, self.keys = evalset, batch_size, keys
+        # the training loader's decoder: the transform's ToTensor + Normalize run once per batch,
+        # straight into the (shared-memory) batch tensor; no draft-mode JPEG decoding, so the
+        # pixels are the ones the transform itself gives
+        self.decoder = ImageDecoder(preprocess, keys)
+        self.decoder.draft_size = 0
         self.rank, self.world = rank, world
         self.shards, self.split_samples = rank_shards(evalset.shards, rank, world)
         self.cap = share(max_samples, rank, world)
@@ -56,15 +61,15 @@ class EvalStream(IterableDataset):
                 records.append(self._record(sample))
                 taken += 1
                 if len(records) == self.batch_size:
-                    yield _collate(records, ignored)
+                    yield _collate(records, ignored, self.decoder)
                     records, ignored = [], Counter()
         if records:
-            yield _collate(records, ignored)
+            yield _collate(records, ignored, self.decoder)
 
     def _record(self, sample: dict) -> dict:
         record = {"key": sample["__key__"], "url": sample.get("__url__", ""), "image": None, "problem": ""}
         try:
-            record["image"] = self.preprocess(self.keys.open_image(self.keys.image_bytes(sample)))
+            record["image"] = self.decoder.decode(self.keys.image_bytes(sample))
         except Unusable as exc:
             record["problem"] = str(exc)
         if self.evalset.task == RETRIEVAL:
@@ -87,11 +92,11 @@ class EvalStream(IterableDataset):
         return record
 
 
-def _collate(records: list[dict], ignored: Counter) -> dict:
+def _collate(records: list[dict], ignored: Counter, decoder: ImageDecoder) -> dict:
     """Batch records; samples without an image keep a None so the caller can name them."""
     batch = {key: [r.get(key) for r in records] for key in records[0]}
     images = batch["image"]
-    batch["image"] = torch.stack(images) if all(i is not None for i in images) else images
+    batch["image"] = decoder.collate(images) if all(i is not None for i in images) else images
     batch["ignored"] = dict(ignored)
     return batch
 

@@ -95,8 +95,9 @@ def test_two_ranks_write_rows_that_match_a_separate_evaluate(train_shards, tmp_p
             name, prefix = {"colours": ("colours", "colours"), "imagenet-v2": ("imagenetv2", "imagenet-v2")}[
                 row["dataset"]]
             metrics = datasets[name]["metrics"]
-            assert row["metrics"][f"{prefix}-zeroshot-top1"] == pytest.approx(metrics["acc1"], abs=1e-9)
-            assert row["metrics"][f"{prefix}-zeroshot-top5"] == pytest.approx(metrics["acc5"], abs=1e-9)
+            # the same fraction of the samples; evaluate's is a float32 mean, as CLIP_benchmark's is
+            assert row["metrics"][f"{prefix}-zeroshot-top1"] == pytest.approx(metrics["acc1"], abs=1e-6)
+            assert row["metrics"][f"{prefix}-zeroshot-top5"] == pytest.approx(metrics["acc5"], abs=1e-6)
 
 
 def test_interval_rules_follow_open_clip_train():
