@@ -305,3 +305,14 @@ def test_a_rank_killed_mid_save_on_s3_leaves_latest_on_the_last_complete_checkpo
     assert checkpoints.read(ckpts).step == 16  # verifies, on S3 as locally
     # --keep-last 2: old folders are deleted whole (the cut step-8 one was rewritten after the resume)
     assert [step for step, _ in checkpoints.list_checkpoints(ckpts)] == [12, 16]
+
+
+@pytest.mark.slow
+def test_torchcompile_composes_with_fsdp(runs):
+    """--fsdp --torchcompile: the compiled, sharded model trains as the eager DDP run does (inductor's
+    fused kernels round differently, hence the looser tolerance)."""
+    losses, outputs = _train(runs["root"], runs["shards"], runs["env"], "fsdp-compiled", "--fsdp",
+                             "--torchcompile", steps=4)
+    eager = runs[("ddp", 1)][0][:4]
+    assert outputs["parallel"] == "fsdp"
+    assert losses == pytest.approx(eager, rel=1e-3), (losses, eager)
