@@ -57,6 +57,8 @@ def build_model(cfg: TrainConfig, device: torch.device, rank: int) -> ModelBundl
         if not tag and not name.startswith(pretrained.HF_HUB):
             raise
         raise DataError(f"--pretrained {cfg.pretrained}: {exc}{pretrained.offline_hint()}") from exc
+    if not tag:
+        init_caption_decoder(model)
     if pretrained.kind(cfg.pretrained) == "hub" and name != cfg.pretrained:
         open_clip.load_checkpoint(model, pretrained.hub_weights(cfg.pretrained, cfg.cache_dir or None))
     elif pretrained.kind(cfg.pretrained) == "uri":
@@ -72,6 +74,23 @@ def build_model(cfg: TrainConfig, device: torch.device, rank: int) -> ModelBundl
                                                          context_length=cfg.force_context_length),
                        model_name=_saved_name(name), model_cfg=_model_cfg(name, model, cfg),
                        preprocess_cfg=dict(open_clip.get_model_preprocess_cfg(model)))
+
+
+def init_caption_decoder(model: torch.nn.Module) -> None:
+    """CoCa's caption-head projection, initialised as open_clip means it to be (normal, std width^-0.5).
+
+    open_clip 3.3 creates MultimodalTransformer.text_projection with torch.empty and never
+    initialises it (its `init_parameters`, the only code that would, refers to a missing attribute
+    and is never called). From scratch, runs then start from whatever memory held: different weights
+    each time, or values near 1e30 that make the first loss inf/NaN. Seeded like the rest of the
+    model; weights loaded afterwards (pretrained, resume) replace it. The decoder's blocks keep
+    their PyTorch default init, as in open_clip_train.
+    """
+    decoder = getattr(model, "text_decoder", None)
+    projection = getattr(decoder, "text_projection", None)
+    if isinstance(projection, torch.nn.Parameter):
+        with torch.no_grad():
+            torch.nn.init.normal_(projection, std=decoder.width ** -0.5)
 
 
 def lock_towers(model: torch.nn.Module, cfg: TrainConfig) -> None:

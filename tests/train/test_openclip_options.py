@@ -177,3 +177,15 @@ def test_bn_sync_on_the_cpu_is_refused_for_batchnorm_models_and_a_no_op_for_vits
     if torch.cuda.is_available():  # where it can run, BatchNorm becomes SyncBatchNorm
         synced = sync_batchnorm(resnet, torch.device("cuda"))
         assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+
+
+def test_coca_starts_from_the_same_finite_weights_whatever_memory_held():
+    """open_clip leaves CoCa's caption-head projection as torch.empty memory; build_model initialises it."""
+    first = build(model="coca_clipforge-micro").model.state_dict()
+    junk = [torch.full((1 << 20,), 3e30) for _ in range(64)]  # freed memory full of huge values
+    del junk
+    second = build(model="coca_clipforge-micro").model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    projection = second["text_decoder.text_projection"]
+    width = projection.shape[0]
+    assert torch.isfinite(projection).all() and abs(projection.std().item() - width ** -0.5) < 0.2 * width ** -0.5

@@ -23,9 +23,15 @@ MICRO, COCA = "clipforge-micro", "coca_clipforge-micro"
 
 
 def make(model: str, seed: int = 0, **kw):
+    """Both sides start from this model. CoCa's caption decoder is initialised as clipforge's
+    build_model does: open_clip leaves its text_projection uninitialised memory."""
+    from stages.train.model import init_caption_decoder
+
     register_builtin_configs()
     torch.manual_seed(seed)
-    return open_clip.create_model(model, output_dict=True, **kw)
+    model = open_clip.create_model(model, output_dict=True, **kw)
+    init_caption_decoder(model)
+    return model
 
 
 def config(model: str, accum: int, **kw):
