@@ -38,12 +38,13 @@ and open_clip_train's `{"state_dict", "epoch"}` checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from stages.common import storage
@@ -297,16 +298,26 @@ def shard_reader(folder: str):
     return reader
 
 
+@contextlib.contextmanager
+def _missing_is(message: str) -> Iterator[None]:
+    """A store error for an object that is not there becomes DataError(message); others stay."""
+    try:
+        yield
+    except StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise DataError(message) from exc
+        raise
+
+
 def shard_files(folder: str) -> set[str]:
     """The files DCP's .metadata names (relative to the folder)."""
     import pickle
 
     try:
-        metadata = pickle.loads(storage.read_bytes(storage.join(folder, DCP_METADATA)))
+        with _missing_is(f"{folder}: no {DCP_METADATA}; the sharded checkpoint is incomplete"):
+            metadata = pickle.loads(storage.read_bytes(storage.join(folder, DCP_METADATA)))
         return {info.relative_path for info in metadata.storage_data.values()}
-    except StorageError as exc:
-        if isinstance(exc.__cause__, FileNotFoundError):
-            raise DataError(f"{folder}: no {DCP_METADATA}; the sharded checkpoint is incomplete") from exc
+    except (DataError, StorageError):
         raise
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt metadata file
         raise DataError(f"{folder}/{DCP_METADATA} is not DCP metadata: {exc}") from exc
@@ -329,12 +340,8 @@ def verify_folder(folder: str, files: dict[str, dict[str, Any]] | None) -> None:
 
 def _verify_file(folder: str, name: str, record: dict[str, Any]) -> None:
     uri = storage.join(folder, name)
-    try:
+    with _missing_is(f"{uri}: missing; the sharded checkpoint is incomplete"):
         found = storage.size(uri)
-    except StorageError as exc:
-        if isinstance(exc.__cause__, FileNotFoundError):
-            raise DataError(f"{uri}: missing; the sharded checkpoint is incomplete") from exc
-        raise
     if found != record["bytes"]:
         raise DataError(f"{uri}: {found} bytes, LATEST records {record['bytes']}; the shard is "
                         "truncated or was replaced")
@@ -375,12 +382,8 @@ def _read_file(path: str, sha256: str | None, map_location: str) -> Checkpoint:
 
     import torch
 
-    try:
+    with _missing_is(f"{path}: no such checkpoint"):
         data = storage.read_bytes(path)
-    except StorageError as exc:
-        if isinstance(exc.__cause__, FileNotFoundError):
-            raise DataError(f"{path}: no such checkpoint") from exc
-        raise
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         raise DataError(f"{path}: sha256 does not match LATEST; the checkpoint is corrupt, incomplete "
                         "or was replaced")
@@ -399,20 +402,22 @@ def _read_file(path: str, sha256: str | None, map_location: str) -> Checkpoint:
 
 # ---------------------------------------------------------------- writing
 
-class _Hashing:
-    """A write-only stream that hashes and counts what passes through it to the store."""
+class HashingStream:
+    """A stream to the store that hashes and counts what is written through it; every other call
+    (flush, tell, fileno: what torch.save and DCP's writer use) goes to the real stream."""
 
     def __init__(self, out: BinaryIO):
         self.out, self.sha256, self.bytes = out, hashlib.sha256(), 0
 
     def write(self, data) -> int:
         self.sha256.update(data)
-        self.bytes += len(data)
+        size = memoryview(data).nbytes
+        self.bytes += size
         self.out.write(data)
-        return len(data)
+        return size
 
-    def flush(self) -> None:
-        self.out.flush()
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.out, name)
 
 
 def write_stream(uri: str, write: Callable[[Any], None]) -> tuple[str, int]:
@@ -424,7 +429,7 @@ def write_stream(uri: str, write: Callable[[Any], None]) -> tuple[str, int]:
     """
     def attempt() -> tuple[str, int]:
         with storage.open_atomic_write(uri) as out:
-            stream = _Hashing(out)
+            stream = HashingStream(out)
             write(stream)
         return stream.sha256.hexdigest(), stream.bytes
     return storage.retrying("writing", uri, attempt)

@@ -36,8 +36,7 @@ class EvalStream(IterableDataset):
         # the training loader's decoder: the transform's ToTensor + Normalize run once per batch,
         # straight into the (shared-memory) batch tensor; no draft-mode JPEG decoding, so the
         # pixels are the ones the transform itself gives
-        self.decoder = ImageDecoder(preprocess, keys)
-        self.decoder.draft_size = 0
+        self.decoder = ImageDecoder(preprocess, keys, draft=False)
         self.rank, self.world = rank, world
         self.shards, self.split_samples = rank_shards(evalset.shards, rank, world)
         self.cap = share(max_samples, rank, world)

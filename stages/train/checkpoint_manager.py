@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -245,7 +246,7 @@ class CheckpointManager:
                         step: int) -> dict[str, Any]:
         """Rank 0's writer thread: once DCP is done, trainer.pt, the consolidated file, LATEST."""
         start = time.perf_counter()
-        named = self.last_pointer["uri"] if self.last_pointer else "nothing yet"
+        named = self._named()
         try:
             future.result()
         except Exception as exc:
@@ -265,15 +266,10 @@ class CheckpointManager:
         except StorageError as exc:
             raise CheckpointWriteError(f"checkpoint step {step} could not be written: {exc}; "
                                        f"LATEST still names {named}") from exc
-        self.last_pointer = pointer
-        pruned = self._prune()
-        seconds = time.perf_counter() - start
+        seconds, pruned = self._published(pointer, step, start)
         log.info("checkpoint step %d -> %s (%.1f MB sharded, %.2fs in the background, of which %.2fs "
                  "DCP's write; %.2fs blocking%s)", step, folder, entry["bytes"] / 1e6, seconds, dcp_seconds,
-                 self.blocked, f", pruned {pruned}" if pruned else "")
-        self.metrics.ckpt_seconds.set(seconds)
-        self.metrics.ckpt_step.set(step)
-        self.metrics.ckpt_time.set_to_current_time()
+                 self.blocked, pruned)
         return pointer
 
     def _consolidate(self, folder: str, side: dict[str, Any]) -> dict[str, Any]:
@@ -287,15 +283,15 @@ class CheckpointManager:
     def _await_snapshot(self) -> None:
         staged, self._dcp_staged = self._dcp_staged, None
         if staged is not None:  # a sharded save: DCP's stager copies on its own thread
-            start = time.perf_counter()
-            staged.result()
-            self.blocked += time.perf_counter() - start
-            self.metrics.ckpt_blocking_seconds.set(self.blocked)
+            self._blocking(staged.result)
         done = self._snapshot_done
-        if done is None or done.is_set():
-            return
+        if done is not None and not done.is_set():
+            self._blocking(done.wait)
+
+    def _blocking(self, wait: Callable[[], Any]) -> None:
+        """Wait on the loop's thread, counted as checkpoint blocking time."""
         start = time.perf_counter()
-        done.wait()
+        wait()
         self.blocked += time.perf_counter() - start
         self.metrics.ckpt_blocking_seconds.set(self.blocked)
 
@@ -333,19 +329,27 @@ class CheckpointManager:
             pointer = checkpoints.publish(self.dir, {"step": step, "uri": uri, "sha256": sha256,
                                                      "bytes": size})
         except StorageError as exc:
-            named = self.last_pointer["uri"] if self.last_pointer else "nothing yet"
             raise CheckpointWriteError(f"checkpoint step {step} could not be written: {exc}; "
-                                       f"LATEST still names {named}") from exc
+                                       f"LATEST still names {self._named()}") from exc
+        seconds, pruned = self._published(pointer, step, start)
+        log.info("checkpoint step %d -> %s (%.1f MB, %.2fs in the background, of which %.2fs copying; "
+                 "%.2fs blocking%s)", step, uri, size / 1e6, seconds, self.snapshot_seconds, self.blocked,
+                 pruned)
+        return pointer
+
+    def _named(self) -> str:
+        """What LATEST names now, for an error that leaves it there."""
+        return self.last_pointer["uri"] if self.last_pointer else "nothing yet"
+
+    def _published(self, pointer: dict[str, Any], step: int, start: float) -> tuple[float, str]:
+        """LATEST names the new checkpoint: prune, set the metrics; (seconds, the log's prune note)."""
         self.last_pointer = pointer
         pruned = self._prune()
         seconds = time.perf_counter() - start
-        log.info("checkpoint step %d -> %s (%.1f MB, %.2fs in the background, of which %.2fs copying; "
-                 "%.2fs blocking%s)", step, uri, size / 1e6, seconds, self.snapshot_seconds, self.blocked,
-                 f", pruned {pruned}" if pruned else "")
         self.metrics.ckpt_seconds.set(seconds)
         self.metrics.ckpt_step.set(step)
         self.metrics.ckpt_time.set_to_current_time()
-        return pointer
+        return seconds, f", pruned {pruned}" if pruned else ""
 
     def _prune(self) -> int:
         deleted, failures = checkpoints.prune(self.dir, self.cfg.keep_last)

@@ -20,7 +20,6 @@ it streams out, so LATEST can record the bytes and sha256 of each shard without 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from typing import Any
 
@@ -41,21 +40,6 @@ from torch.futures import Future
 from stages.common import checkpoints, storage
 
 
-class _HashingStream:
-    """The store's stream, with a running sha256 and byte count of what is written to it."""
-
-    def __init__(self, stream: Any):
-        self._stream, self.sha256, self.bytes = stream, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        self.bytes += memoryview(data).nbytes
-        return self._stream.write(data)
-
-    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, ... of the real stream
-        return getattr(self._stream, name)
-
-
 class _HashingFileSystem(FileSystem):
     """DCP's fsspec filesystem that records {file name: {bytes, sha256}} of every file it writes."""
 
@@ -70,7 +54,7 @@ class _HashingFileSystem(FileSystem):
                 yield stream
             return
         with super().create_stream(path, mode) as stream:
-            hashing = _HashingStream(stream)
+            hashing = checkpoints.HashingStream(stream)
             yield hashing
         self.files[os.path.basename(os.fspath(path))] = {"bytes": hashing.bytes,
                                                          "sha256": hashing.sha256.hexdigest()}

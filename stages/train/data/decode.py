@@ -31,7 +31,8 @@ class ImageDecoder:
     other transform is applied per sample as given.
     """
 
-    def __init__(self, preprocess: Callable, keys: SampleKeys | None = None):
+    def __init__(self, preprocess: Callable, keys: SampleKeys | None = None, draft: bool = True):
+        """`draft=False`: full JPEG decodes, so the pixels are exactly the transform's own."""
         self.preprocess = preprocess
         self.keys = keys or SampleKeys()
         steps = list(getattr(preprocess, "transforms", []))
@@ -46,7 +47,7 @@ class ImageDecoder:
             norm = steps[-1]
             self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1) * 255.0
             self.std = torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1) * 255.0
-            self.draft_size = _draft_size(self.geometric)
+            self.draft_size = _draft_size(self.geometric) if draft else 0
 
     def open(self, data: bytes) -> Image.Image:
         """The decoded RGB image; a JPEG in draft mode (never smaller than draft_size) when allowed.
